@@ -1,0 +1,239 @@
+"""Adapter files in HF PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+Tensor keys are PEFT's (`base_model.model.<module>.lora_A.weight`, …) and so are the config
+fields (`peft_type`, `r`, `lora_alpha`, `target_modules`, `use_dora`, `use_rslora`, …), so
+`peft.PeftModel.from_pretrained` reads what loralab writes and the other way round.
+Methods PEFT lacks use the same layout with `"peft_type": "LORALAB"` and a `loralab`
+section naming the method and its options. Every file is written to a temporary name and
+renamed into place, so an interrupted save never leaves a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from loralab.layers import SavedModule
+from loralab.methods.base import METHODS, check_shape
+from loralab.model import adapted_layers, add_adapter, get_spec, methods_of, remove_adapter, wrappers
+from loralab.spec import AdapterSpec
+from loralab.targets import candidate_modules, matches
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+FORMAT_VERSION = 1
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+              "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    return next((t for suffix, t in TASK_TYPES.items() if cls.endswith(suffix)), None)
+
+
+def _base_name(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "loralab_base", None) or getattr(config, "name_or_path", None) or None
+
+
+def _saved_targets(model: nn.Module, paths: list[str]) -> list[str]:
+    """Leaf names when they pick exactly these modules (as PEFT writes them), else full names."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    picked = {n for n, _ in candidate_modules(model) if matches(n, leaves)}
+    return leaves if picked == set(paths) else sorted(paths)
+
+
+def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
+    spec = get_spec(model, name)
+    method = METHODS.get(spec.method)
+    layers = dict(adapted_layers(model, name))
+    config: dict[str, Any] = {
+        "peft_type": "LORA" if method.peft_type == "LORA" else "LORALAB",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": _base_name(model),
+        "r": spec.r,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": _saved_targets(model, list(layers)),
+        "exclude_modules": None,
+        "use_rslora": spec.rslora,
+        "use_dora": spec.method == "dora",
+        "bias": spec.bias,
+        "modules_to_save": spec.modules_to_save or None,
+        "fan_in_fan_out": any(layer.kind.name == "hf-conv1d" for layer in layers.values()),
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "lora_bias": False,
+        "revision": None,
+    }
+    if config["peft_type"] == "LORALAB":
+        config["loralab"] = {"format_version": FORMAT_VERSION, "method": spec.method,
+                             "options": spec.options, "init": spec.init}
+    return config
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Everything adapter `name` saves, under PEFT's key names."""
+    spec = get_spec(model, name)
+    out: dict[str, torch.Tensor] = {}
+    for path, method in methods_of(model, name):
+        for key, t in method.to_saved().items():
+            out[f"{PREFIX}{path}.{key}"] = t
+    for path, module in wrappers(model):
+        if isinstance(module, SavedModule) and name in module.copies:
+            for key, t in module.copies[name].state_dict().items():
+                out[f"{PREFIX}{path}.{key}"] = t
+    for key, t in _bias_tensors(model, spec.bias, name).items():
+        out[PREFIX + key] = t
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+
+
+def _bias_tensors(model: nn.Module, mode: str, name: str) -> dict[str, torch.Tensor]:
+    if mode == "lora_only":
+        return {f"{p}.base_layer.bias": layer.kind.bias for p, layer in adapted_layers(model, name)
+                if layer.kind.bias is not None}
+    if mode == "all":
+        return {k: v for k, v in model.named_parameters()
+                if k.endswith("bias") and ".original." not in k and ".copies." not in k}
+    return {}
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter `name` as PEFT-compatible files into `out_dir`; returns the folder."""
+    out = Path(out_dir)
+    config = adapter_config(model, name)
+    tensors = adapter_tensors(model, name)
+    meta = {"format": "pt", "loralab_adapter": name}
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    return out
+
+
+# ---- reading -------------------------------------------------------------------------------
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: not an adapter folder")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from None
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The adapter's tensors with PEFT's `base_model.model.` prefix removed."""
+    folder = Path(path)
+    file = folder / WEIGHTS_FILE
+    if not file.is_file():
+        legacy = folder / "adapter_model.bin"
+        if legacy.is_file():
+            raise ValueError(f"{legacy} is a pickle file; loralab reads only {WEIGHTS_FILE}")
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path}")
+    try:
+        tensors = load_file(str(file))
+    except Exception as err:  # safetensors raises its own error types, and OSError on short reads
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    return {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+
+
+def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
+    """An AdapterSpec from a PEFT- or loralab-written adapter_config.json."""
+    peft_type = config.get("peft_type")
+    if peft_type not in ("LORA", "LORALAB"):
+        raise ValueError(f"peft_type {peft_type!r} is not supported; loralab reads LORA and LORALAB adapters")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if config.get(field):
+            raise ValueError(f"adapter_config.json sets {field}, which loralab does not read yet")
+    if config.get("layers_to_transform") is not None:
+        raise ValueError("adapter_config.json sets layers_to_transform, which loralab does not read yet")
+    extra = config.get("loralab") or {}
+    method = extra.get("method") or ("dora" if config.get("use_dora") else "lora")
+    return AdapterSpec(
+        method=method,
+        r=int(config["r"]),
+        alpha=float(config.get("lora_alpha", config["r"])),
+        dropout=float(config.get("lora_dropout") or 0.0),
+        targets=config["target_modules"],
+        exclude=config.get("exclude_modules"),
+        bias=config.get("bias") or "none",
+        modules_to_save=list(config.get("modules_to_save") or []),
+        rslora=bool(config.get("use_rslora")),
+        options=dict(extra.get("options") or {}),
+    )
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
+                 activate: bool = True) -> nn.Module:
+    """Attach the adapter saved in `path` (by loralab or by PEFT) under `name`; returns the model."""
+    config = read_config(path)
+    spec = spec_from_config(config)
+    tensors = read_tensors(path)
+    add_adapter(model, spec, name, activate=activate)
+    try:
+        _fill(model, name, tensors, spec)
+    except Exception:
+        remove_adapter(model, name)
+        raise
+    return model
+
+
+def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], spec: AdapterSpec) -> None:
+    used: set[str] = set()
+
+    def under(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+    for path, method in methods_of(model, name):
+        mine = under(path)
+        method.from_saved(mine, where=path)
+        used.update(f"{path}.{k}" for k in method.to_saved())
+    for path, module in wrappers(model):
+        if isinstance(module, SavedModule) and name in module.copies:
+            target = module.copies[name].state_dict()
+            mine = under(path)
+            for key, t in target.items():
+                if key not in mine:
+                    raise ValueError(f"adapter file lacks {path}.{key} (a module saved in full)")
+                check_shape(f"{path}.{key}", mine[key].shape, t.shape)
+                with torch.no_grad():
+                    t.copy_(mine[key])
+                used.add(f"{path}.{key}")
+    params = dict(model.named_parameters())
+    biases = {k: v for k, v in tensors.items() if k not in used and k.endswith("bias") and spec.bias != "none"}
+    for key, t in biases.items():
+        if key not in params:
+            raise ValueError(f"adapter file holds bias {key}, which the model does not have")
+        check_shape(key, t.shape, params[key].shape)
+    unexpected = sorted(set(tensors) - used - set(biases))
+    if unexpected:
+        raise ValueError(f"adapter file holds tensors the model has no place for: {', '.join(unexpected[:5])}"
+                         + (" …" if len(unexpected) > 5 else ""))
+    with torch.no_grad():
+        for key, t in biases.items():
+            params[key].copy_(t)
+

@@ -1,0 +1,154 @@
+"""How each supported base layer type looks to an adapter method.
+
+Methods see every layer as one matrix W of shape [out_features, in_features] and a
+function `apply(x, W)` (the layer's own operation without bias). This file maps that
+canonical view onto nn.Linear, nn.Conv1d/2d/3d, nn.Embedding and transformers' GPT-2-style
+Conv1D (which stores W transposed), so no method needs per-layer-type code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+class LayerKind:
+    """The canonical view of one base layer. Holds a reference to it, not a copy."""
+
+    name = "linear"
+
+    def __init__(self, base: nn.Module) -> None:
+        self.base = base
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
+    @property
+    def out_features(self) -> int:
+        return self.base.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.base.weight[0].numel()
+
+    def matrix(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The canonical [out, in] view of `weight` (default: the base weight)."""
+        w = self.weight if weight is None else weight
+        return w.reshape(w.shape[0], -1)
+
+    def to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
+        """A canonical [out, in] matrix in the base weight's own shape."""
+        return matrix.reshape(self.weight.shape)
+
+    def apply(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """The layer's operation with weight `matrix` (canonical) and no bias."""
+        return F.linear(x, matrix)
+
+    def add_bias(self, out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return out + bias
+
+    def row_norm_dims(self) -> tuple[int, ...]:
+        return (1,)
+
+
+class HFConv1DKind(LayerKind):
+    """transformers' Conv1D (GPT-2): weight is [in, out] and y = x @ W + b."""
+
+    name = "hf-conv1d"
+
+    @property
+    def out_features(self) -> int:
+        return self.base.weight.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.base.weight.shape[0]
+
+    def matrix(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return (self.weight if weight is None else weight).T
+
+    def to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.T
+
+
+class ConvKind(LayerKind):
+    """nn.Conv1d / Conv2d / Conv3d with groups=1: W is [out, in·k…], the kernel flattened."""
+
+    name = "conv"
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        if base.groups != 1:
+            raise ValueError(f"adapters on grouped convolutions (groups={base.groups}) are not supported")
+        if base.padding_mode != "zeros":
+            raise ValueError(f"adapters on convolutions need padding_mode='zeros', got {base.padding_mode!r}")
+        self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[base.weight.dim() - 2]
+
+    def apply(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        return self.conv_kernel(x, self.to_weight(matrix))
+
+    def conv_kernel(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        """Convolve with this layer's stride, padding and dilation but another kernel."""
+        b = self.base
+        return self.conv(x, kernel, None, b.stride, b.padding, b.dilation)
+
+    def add_bias(self, out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return out + bias.view(-1, *([1] * (out.dim() - 2)))
+
+
+class EmbeddingKind(LayerKind):
+    """nn.Embedding: the table is [num, dim]; canonically W = table.T, [dim, num], so out = dim."""
+
+    name = "embedding"
+
+    @property
+    def out_features(self) -> int:
+        return self.base.weight.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.base.weight.shape[0]
+
+    def matrix(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return (self.weight if weight is None else weight).T
+
+    def to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.T
+
+    def apply(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        return self.lookup(x, matrix.T)
+
+    def lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        return F.embedding(x, table, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
+
+
+SUPPORTED_TYPES = "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, transformers Conv1D"
+
+
+def kind_of(module: nn.Module) -> LayerKind | None:
+    """The LayerKind for a supported base layer, else None."""
+    if isinstance(module, nn.Linear):
+        return LayerKind(module)
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return ConvKind(module)
+    if isinstance(module, nn.Embedding):
+        return EmbeddingKind(module)
+    if _is_hf_conv1d(module):
+        return HFConv1DKind(module)
+    return None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """What "all-linear" adapts: nn.Linear and transformers' Conv1D."""
+    return isinstance(module, nn.Linear) or _is_hf_conv1d(module)

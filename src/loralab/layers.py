@@ -1,0 +1,175 @@
+"""The wrappers loralab puts into a model.
+
+`AdaptedLayer` wraps one base layer and holds named adapter methods; its output is the base
+output plus the change of every active adapter. `SavedModule` wraps a module trained in
+full for an adapter (PEFT's `modules_to_save`, e.g. a classifier head). Both can take a
+`RowPlan` — which rows of the batch use which adapter — so one forward pass may mix
+adapters; the serving engine and the mixture routers use that same path.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loralab.layer_kinds import LayerKind, kind_of
+from loralab.methods.base import AdapterMethod
+
+
+@dataclass
+class RowPlan:
+    """Rows of a batch grouped by adapter; name None means the base model alone."""
+
+    groups: list[tuple[str | None, torch.Tensor]]
+
+    @classmethod
+    def from_names(cls, names: list[str | None], device: torch.device | None = None) -> RowPlan:
+        rows: dict[str | None, list[int]] = {}
+        for i, name in enumerate(names):
+            rows.setdefault(name, []).append(i)
+        return cls([(n, torch.tensor(r, dtype=torch.long, device=device)) for n, r in rows.items()])
+
+    def on(self, device: torch.device) -> RowPlan:
+        if all(idx.device == device for _, idx in self.groups):
+            return self
+        return RowPlan([(n, idx.to(device)) for n, idx in self.groups])
+
+
+class AdaptedLayer(nn.Module):
+    """A base layer plus named adapters (see module docstring)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        kind = kind_of(base_layer)
+        if kind is None:
+            raise TypeError(f"cannot adapt {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.kind: LayerKind = kind
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self.row_plan: RowPlan | None = None
+        self._backups: dict[str, torch.Tensor] = {}
+        self._live: list[AdapterMethod] = []
+        self._needs_base = False
+
+    def add(self, name: str, method: AdapterMethod) -> None:
+        self.adapters[name] = method
+        self._refresh()
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before removing it")
+        del self.adapters[name]
+        self.active = [n for n in self.active if n != name]
+        self._refresh()
+
+    def set_active(self, names: list[str]) -> None:
+        self.active = [n for n in names if n in self.adapters]
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._live = [self.adapters[n] for n in self.active if n not in self.merged]
+        self._needs_base = any(m.needs_base for m in self._live)
+
+    def _base_without_bias(self, out: torch.Tensor) -> torch.Tensor:
+        bias = self.kind.bias
+        return out if bias is None else self.kind.add_bias(out, -bias)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return out
+        if self.row_plan is not None:
+            return self._forward_rows(x, out, self.row_plan)
+        if not self._live:
+            return out
+        base = self._base_without_bias(out) if self._needs_base else None
+        for method in self._live:
+            out = method.add_to(out, x, base)
+        return out
+
+    def _forward_rows(self, x: torch.Tensor, out: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+        if self.merged:
+            raise RuntimeError(f"adapters {self.merged} are merged: unmerge them before a mixed-adapter batch")
+        plan = plan.on(out.device)
+        result = out
+        for name, idx in plan.groups:
+            method = self.adapters[name] if name is not None and name in self.adapters else None
+            if method is None:
+                continue
+            rows = out.index_select(0, idx)
+            base = self._base_without_bias(rows) if method.needs_base else None
+            result = result.index_copy(0, idx, method.add_to(rows, x.index_select(0, idx), base))
+        return result
+
+    # ---- merging ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        if name in self.merged:
+            return
+        method = self.adapters[name]
+        weight = self.kind.weight
+        if not method.additive:
+            self._backups[name] = weight.detach().clone()
+        merged = method.merged_weight(self.kind.matrix(weight.detach()).clone())
+        weight.data.copy_(self.kind.to_weight(merged))
+        self.merged.append(name)
+        self._refresh()
+
+    @torch.no_grad()
+    def unmerge_all(self) -> None:
+        weight = self.kind.weight
+        while self.merged:
+            name = self.merged.pop()
+            if name in self._backups:
+                weight.data.copy_(self._backups.pop(name))
+            else:
+                delta = self.adapters[name].delta_weight()
+                weight.data.sub_(self.kind.to_weight(delta.to(weight.dtype)))
+        self._refresh()
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"
+
+
+class SavedModule(nn.Module):
+    """A module trained in full per adapter: the original stays, each adapter has a copy."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active: list[str] = []
+        self.disabled = False
+        self.row_plan: RowPlan | None = None
+
+    def add(self, name: str) -> nn.Module:
+        clone = copy.deepcopy(self.original)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.copies[name] = clone
+        return clone
+
+    def remove(self, name: str) -> None:
+        del self.copies[name]
+        self.active = [n for n in self.active if n != name]
+
+    def set_active(self, names: list[str]) -> None:
+        self.active = [n for n in names if n in self.copies]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.disabled:
+            return self.original(x, *args, **kwargs)
+        if self.row_plan is not None:
+            out = self.original(x, *args, **kwargs)
+            for name, idx in self.row_plan.on(x.device).groups:
+                if name in self.copies:
+                    out = out.index_copy(0, idx, self.copies[name](x.index_select(0, idx), *args, **kwargs))
+            return out
+        module = self.copies[self.active[0]] if self.active else self.original
+        return module(x, *args, **kwargs)

@@ -1,0 +1,121 @@
+"""The one protocol every adapter method follows.
+
+A method is a small nn.Module built for one base layer (seen through a `LayerKind`: a
+canonical [out, in] matrix W and the layer's operation `apply(x, W)`). It says how the
+layer's output changes:
+
+- additive methods implement `delta_weight()` (the dense ΔW) and, where it is cheaper,
+  `delta(x)` (the unmerged path); the default `delta(x)` applies ΔW with the layer's own op;
+- non-additive methods (DoRA, (IA)³, OFT, …) set `additive = False` and override
+  `forward(x, base)` — the change to the output given the base output without bias — and
+  `merged_weight(W)`.
+
+Each method also declares its trainable-parameter count from its paper
+(`expected_trainable_params`) and, where HF PEFT has the method, how its tensors are
+named in PEFT's adapter files (`peft_type`, `to_saved` / `from_saved`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from loralab.layer_kinds import LayerKind
+from loralab.registry import Registry
+from loralab.spec import AdapterSpec
+
+
+class AdapterMethod(nn.Module):
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""  # arXiv id
+    param_formula: ClassVar[str] = ""  # human-readable, e.g. "r·(in + out)"
+    peft_type: ClassVar[str | None] = None  # set where HF PEFT reads this method's files
+    additive: ClassVar[bool] = True
+    needs_base: ClassVar[bool] = False  # forward() reads the base output
+    layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "hf-conv1d", "conv", "embedding")
+    option_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, layer: LayerKind, spec: AdapterSpec) -> None:
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # a view of the base layer, not a submodule
+        unknown = sorted(set(spec.options) - set(self.option_defaults))
+        if unknown:
+            allowed = ", ".join(sorted(self.option_defaults)) or "none"
+            raise ValueError(f"method {self.name!r} does not take option(s) {unknown}; it takes: {allowed}")
+        if layer.name not in self.layer_kinds:
+            raise ValueError(
+                f"method {self.name!r} does not support {type(layer.base).__name__} layers; "
+                f"it supports: {', '.join(self.layer_kinds)}"
+            )
+        self.options = {**self.option_defaults, **spec.options}
+        self.r = spec.r
+        self.scale = spec.scale
+        limit = self.max_rank(layer)
+        if spec.r > limit:
+            raise ValueError(
+                f"r={spec.r} is larger than {self.name!r} allows on a layer of shape "
+                f"[{layer.out_features}, {layer.in_features}] (at most {limit})"
+            )
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
+
+    @classmethod
+    def max_rank(cls, layer: LayerKind) -> int:
+        return min(layer.out_features, layer.in_features)
+
+    # ---- the maths -------------------------------------------------------------------------
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(x) if self.dropout is not None else x
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense ΔW, canonical shape [out, in]."""
+        raise NotImplementedError
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The change to the layer's output for input x (unmerged)."""
+        return self.layer.apply(self.drop(x), self.delta_weight().to(x.dtype))
+
+    def forward(self, x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        """The change to the output; `base` is the base output without bias (if needs_base)."""
+        return self.delta(x)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        """out + forward(x, base); methods may fuse the add."""
+        return out + self.forward(x, base)
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The canonical weight with this adapter folded in."""
+        return weight + self.delta_weight().to(weight.dtype)
+
+    # ---- bookkeeping -----------------------------------------------------------------------
+    def expected_trainable_params(self) -> int:
+        """The trainable-parameter count from the paper's formula, for this layer."""
+        raise NotImplementedError
+
+    def to_saved(self) -> dict[str, torch.Tensor]:
+        """Tensors to save, keyed by their name under the module's path in the adapter file."""
+        return {name: p.detach() for name, p in self.named_parameters() if "." not in name}
+
+    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Load what `to_saved` wrote; `where` names the module in error messages."""
+        own = dict(self.to_saved())
+        missing = sorted(set(own) - set(tensors))
+        if missing:
+            raise ValueError(f"adapter file lacks {', '.join(f'{where}.{k}' for k in missing)}")
+        with torch.no_grad():
+            for key, target in own.items():
+                check_shape(f"{where}.{key}", tensors[key].shape, target.shape)
+                target.copy_(tensors[key])
+
+
+def check_shape(name: str, got: torch.Size, want: torch.Size) -> None:
+    if tuple(got) != tuple(want):
+        raise ValueError(
+            f"tensor {name} has shape {list(got)} in the adapter file but the model needs {list(want)}: "
+            "the adapter was made for a different base model or rank"
+        )
+
+
+METHODS: Registry[type[AdapterMethod]] = Registry("method", "loralab.methods")

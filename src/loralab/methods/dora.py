@@ -1,0 +1,81 @@
+"""DoRA: weight-decomposed LoRA, W' = m · (W + sBA) / ‖W + sBA‖_row (Liu et al., arXiv 2402.09353).
+
+The magnitude m (one value per output row, initialised to ‖W‖_row) is trained alongside
+LoRA's A and B. As in the paper (§4.3) the norm is treated as a constant in the backward
+pass. It is computed without forming the out×in matrix W + sBA: with ‖W‖² cached per row
+(W is frozen),
+    ‖W + sBA‖² = ‖W‖² + 2s·rowsum((WAᵀ) ⊙ B) + s²·rowsum((B(AAᵀ)) ⊙ B).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loralab.layer_kinds import LayerKind
+from loralab.methods.base import METHODS, AdapterMethod
+from loralab.methods.lora import LoRA
+from loralab.spec import AdapterSpec
+
+
+@METHODS.register("dora")
+class DoRA(LoRA):
+    name = "dora"
+    summary = "LoRA on the direction of W plus a trained per-row magnitude"
+    paper = "2402.09353"
+    param_formula = "r·(in + out) + out"
+    additive = False
+    needs_base = True
+    layer_kinds = ("linear", "hf-conv1d", "conv")
+
+    def __init__(self, layer: LayerKind, spec: AdapterSpec) -> None:
+        super().__init__(layer, spec)
+        self._w_sq: tuple[tuple[int, int], torch.Tensor] | None = None
+        with torch.no_grad():
+            self.magnitude = torch.nn.Parameter(self._weight_sq_norms().sqrt().clone())
+
+    def expected_trainable_params(self) -> int:
+        return super().expected_trainable_params() + self.layer.out_features
+
+    def _weight_sq_norms(self) -> torch.Tensor:
+        """‖W‖² per row, cached until the base weight changes (e.g. another adapter merges)."""
+        w = self.layer.weight
+        key = (w.data_ptr(), w._version)
+        if self._w_sq is None or self._w_sq[0] != key:
+            self._w_sq = (key, self.layer.matrix(w.detach()).float().pow(2).sum(1))
+        return self._w_sq[1]
+
+    @torch.no_grad()
+    def row_norms(self) -> torch.Tensor:
+        """‖W + sBA‖ per output row, without forming the out×in sum."""
+        a, b, s = self.lora_A.float(), self.lora_B.float(), self.scale
+        w = self.layer.matrix(self.layer.weight.detach()).float()
+        cross = ((w @ a.T) * b).sum(1)
+        quad = ((b @ (a @ a.T)) * b).sum(1)
+        return (self._weight_sq_norms() + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
+
+    def _per_row(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, *([1] * (like.dim() - 2))) if self.layer.name == "conv" else v
+
+    def forward(self, x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        x = self.drop(x)
+        if self.dropout is not None and self.training:
+            base = self.layer.apply(x, self.layer.matrix())  # Wx on the same dropped input as BAx
+        g = self._per_row(self.magnitude / self.row_norms().to(self.magnitude.dtype), base)
+        return (g - 1) * base + g * self.low_rank_out(x)
+
+    add_to = AdapterMethod.add_to
+
+    def delta_weight(self) -> torch.Tensor:
+        w = self.layer.matrix(self.layer.weight.detach())
+        return self.merged_weight(w) - w
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        combined = weight + self.scale * (self.lora_B @ self.lora_A).to(weight.dtype)
+        return (self.magnitude / combined.norm(dim=1)).unsqueeze(1).to(weight.dtype) * combined
+
+    def to_saved(self) -> dict[str, torch.Tensor]:
+        saved = super().to_saved()
+        m = self.magnitude.detach()
+        saved["lora_magnitude_vector"] = m.view(1, -1, *[1] * (self.layer.weight.dim() - 2)) if (
+            self.layer.name == "conv") else m
+        return saved

@@ -1,0 +1,74 @@
+"""LoRA: ΔW = (alpha / r) · B A with A ∈ R^{r×in}, B ∈ R^{out×r} (Hu et al., arXiv 2106.09685).
+
+rsLoRA (Kalajdzievski, arXiv 2312.03732) is the same method with scale alpha / sqrt(r)
+(`AdapterSpec(rslora=True)`). The unmerged path never forms ΔW: for linear layers it is
+two thin matmuls with the scale and the add fused into one `addmm`; convolutions apply A as
+a kernel and B as a 1×1 convolution; embeddings look rows of Aᵀ up and multiply by Bᵀ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loralab.layer_kinds import LayerKind
+from loralab.methods.base import METHODS, AdapterMethod
+from loralab.spec import AdapterSpec
+
+
+@METHODS.register("lora")
+class LoRA(AdapterMethod):
+    name = "lora"
+    summary = "Low-rank update ΔW = s·BA; B starts at zero"
+    paper = "2106.09685"
+    param_formula = "r·(in + out)"
+    peft_type = "LORA"
+
+    def __init__(self, layer: LayerKind, spec: AdapterSpec) -> None:
+        super().__init__(layer, spec)
+        w = layer.weight
+        self.lora_A = nn.Parameter(torch.empty(spec.r, layer.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(layer.out_features, spec.r, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def expected_trainable_params(self) -> int:
+        return self.r * (self.layer.in_features + self.layer.out_features)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    def low_rank_out(self, x: torch.Tensor) -> torch.Tensor:
+        """s · B A x through the rank-r bottleneck (x already passed through dropout)."""
+        kind = self.layer.name
+        if kind == "embedding":
+            return self.layer.lookup(x, self.lora_A.T) @ self.lora_B.T * self.scale
+        if kind == "conv":
+            h = self.layer.conv_kernel(x, self.lora_A.view(self.r, *self.layer.weight.shape[1:]))
+            b = self.lora_B.view(*self.lora_B.shape, *([1] * (h.dim() - 2)))
+            return self.layer.conv(h, b) * self.scale
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        # embeddings take indices: no dropout on them
+        return self.low_rank_out(x if self.layer.name == "embedding" else self.drop(x))
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        if self.layer.name in ("embedding", "conv"):
+            return out + self.delta(x)
+        h = F.linear(self.drop(x), self.lora_A)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), self.lora_B.T, alpha=self.scale)
+        return flat.view(out.shape)
+
+    # PEFT names: lora_A.weight / lora_B.weight (conv: kernel shapes), lora_embedding_A / _B.
+    def to_saved(self) -> dict[str, torch.Tensor]:
+        a, b = self.lora_A.detach(), self.lora_B.detach()
+        if self.layer.name == "embedding":
+            return {"lora_embedding_A": a, "lora_embedding_B": b}
+        if self.layer.name == "conv":
+            k = self.layer.weight.shape[2:]
+            return {"lora_A.weight": a.view(self.r, -1, *k), "lora_B.weight": b.view(*b.shape, *[1] * len(k))}
+        return {"lora_A.weight": a, "lora_B.weight": b}
+

@@ -1,0 +1,319 @@
+"""Adapters on any nn.Module: add, activate, disable, merge, mix per row, remove.
+
+State lives on the model itself (`model._loralab`), so these are plain functions over a
+plain model — no wrapper class, and the model's own `forward`/`generate` keep working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from loralab.inits.base import INITS, InitContext
+from loralab.layer_kinds import kind_of
+from loralab.layers import AdaptedLayer, RowPlan, SavedModule
+from loralab.methods.base import METHODS, AdapterMethod
+from loralab.registry import close_matches, unknown_name_message
+from loralab.spec import AdapterSpec
+from loralab.targets import candidate_modules, resolve_targets, suffix_match
+
+
+@dataclass
+class LoralabState:
+    specs: dict[str, AdapterSpec] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    hook_handles: list[Any] = field(default_factory=list)
+
+
+def state_of(model: nn.Module) -> LoralabState:
+    state = getattr(model, "_loralab", None)
+    if state is None:
+        state = LoralabState()
+        model._loralab = state
+        state.hook_handles.append(model.register_forward_pre_hook(_take_adapter_names, with_kwargs=True))
+    return state
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The adapters attached to `model`, in the order they were added."""
+    return list(state_of(model).specs)
+
+
+def get_spec(model: nn.Module, name: str) -> AdapterSpec:
+    return state_of(model).specs[_known(model, name)]
+
+
+def _known(model: nn.Module, name: str) -> str:
+    specs = state_of(model).specs
+    if name not in specs:
+        raise ValueError(unknown_name_message("adapter", name, specs))
+    return name
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def wrappers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer | SavedModule]]:
+    for path, module in model.named_modules():
+        if isinstance(module, AdaptedLayer | SavedModule):
+            yield path, module
+
+
+def adapted_layers(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, AdaptedLayer]]:
+    """(path, layer) for every adapted layer (holding adapter `name`, if given)."""
+    for path, module in wrappers(model):
+        if isinstance(module, AdaptedLayer) and (name is None or name in module.adapters):
+            yield path, module
+
+
+def add_adapter(
+    model: nn.Module,
+    spec: AdapterSpec | None = None,
+    name: str = "default",
+    calibration: Iterable[Any] | None = None,
+    calibration_batches: int = 8,
+    activate: bool = True,
+) -> nn.Module:
+    """Attach a new adapter in place and return the model; the base weights are frozen.
+
+    With `activate` (the default) the new adapter becomes the active one and trains.
+
+    `calibration` (batches of model inputs) feeds data-driven initialisers such as LoRA-GA or EVA.
+    """
+    spec = spec or AdapterSpec()
+    state = state_of(model)
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+    if name in state.specs:
+        raise ValueError(f"an adapter named {name!r} already exists; remove it first or choose another name")
+    method_cls = METHODS.get(spec.method)
+    init = INITS.get(spec.init)
+
+    paths = resolve_targets(model, spec.targets, spec.exclude, skip=spec.modules_to_save)
+    new: list[tuple[str, AdapterMethod]] = []
+    for path in paths:
+        current = model.get_submodule(path)
+        kind = current.kind if isinstance(current, AdaptedLayer) else kind_of(current)
+        try:
+            new.append((path, method_cls(kind, spec)))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    for path in _resolve_saved(model, spec.modules_to_save):
+        current = model.get_submodule(path)
+        if not isinstance(current, SavedModule):
+            current = SavedModule(current)
+            _set_module(model, path, current)
+        current.add(name)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for path, method in new:
+        current = model.get_submodule(path)
+        if not isinstance(current, AdaptedLayer):
+            current = AdaptedLayer(current)
+            _set_module(model, path, current)
+        current.add(name, method)
+    state.specs[name] = spec
+    init(model, new, InitContext(calibration, calibration_batches))
+    set_active(model, name if activate else state.active)
+    return model
+
+
+def _resolve_saved(model: nn.Module, keys: list[str]) -> list[str]:
+    if not keys:
+        return []
+    names = [n for n, _ in candidate_modules(model)]
+    found = [n for n in names if any(suffix_match(n, k) for k in keys)]
+    for key in keys:
+        if not any(suffix_match(n, key) for n in found):
+            hint = close_matches(key, {n.rsplit(".", 1)[-1] for n in names})
+            raise ValueError(f"modules_to_save entry {key!r} matches no module"
+                             + (f"; close matches: {', '.join(hint)}" if hint else ""))
+    return found
+
+
+def _apply_trainable(model: nn.Module) -> None:
+    """Only the active adapters (and their saved modules and biases) train."""
+    state = state_of(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, module in wrappers(model):
+        for name in module.active:
+            owned = module.adapters[name] if isinstance(module, AdaptedLayer) else module.copies[name]
+            for p in owned.parameters():
+                p.requires_grad_(True)
+    for name in state.active:
+        bias = state.specs[name].bias
+        if bias == "all":
+            for pname, p in model.named_parameters():
+                if pname.endswith("bias"):
+                    p.requires_grad_(True)
+        elif bias == "lora_only":
+            for _, layer in adapted_layers(model, name):
+                if layer.kind.bias is not None:
+                    layer.kind.bias.requires_grad_(True)
+
+
+def set_active(model: nn.Module, names: str | list[str]) -> None:
+    """Make one adapter, or several (their changes add up), the active ones; they also train."""
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        _known(model, n)
+    state_of(model).active = names
+    for _, module in wrappers(model):
+        module.set_active(names)
+    _apply_trainable(model)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(state_of(model).active)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block."""
+    mods = [m for _, m in wrappers(model)]
+    before = [m.disabled for m in mods]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(mods, before):
+            m.disabled = was
+
+
+@contextlib.contextmanager
+def row_adapters(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
+    """Inside the block each batch row i uses adapter names[i] alone (None: the base model).
+
+    Works for `model(...)` and `model.generate(...)`; `model(..., adapter_names=[...])` does
+    the same for one call.
+    """
+    for n in names:
+        if n is not None:
+            _known(model, n)
+    plan = RowPlan.from_names(list(names))
+    mods = [m for _, m in wrappers(model)]
+    for m in mods:
+        m.row_plan = plan
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.row_plan = None
+
+
+def _take_adapter_names(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    names = kwargs.pop("adapter_names", None)
+    if names is None:
+        return None
+    context = row_adapters(module, names)
+    context.__enter__()
+    handle: list[Any] = []
+
+    def leave(*_: Any) -> None:
+        context.__exit__(None, None, None)
+        handle[0].remove()
+
+    handle.append(module.register_forward_hook(leave, always_call=True))
+    return args, kwargs
+
+
+def merge(model: nn.Module, names: str | list[str] | None = None) -> None:
+    """Fold adapters (default: the active ones) into the base weights."""
+    names = state_of(model).active if names is None else [names] if isinstance(names, str) else names
+    for n in names:
+        _known(model, n)
+        for _, layer in adapted_layers(model, n):
+            layer.merge(n)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore the base weights of every merged layer."""
+    for _, layer in adapted_layers(model):
+        layer.unmerge_all()
+
+
+def merge_and_unload(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
+    """Merge, then replace every wrapper by the plain module: a model with no trace of loralab."""
+    merge(model, names)
+    active = state_of(model).active
+    for path, module in list(wrappers(model)):
+        if isinstance(module, AdaptedLayer):
+            plain = module.base_layer
+        else:
+            plain = module.copies[active[0]] if active and active[0] in module.copies else module.original
+        _set_module(model, path, plain)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for handle in model._loralab.hook_handles:
+        handle.remove()
+    del model._loralab
+    return model
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Detach an adapter; layers left with none go back to the plain base layer."""
+    state = state_of(model)
+    _known(model, name)
+    for path, module in list(wrappers(model)):
+        holder = module.adapters if isinstance(module, AdaptedLayer) else module.copies
+        if name in holder:
+            module.remove(name)
+        if not holder:
+            _set_module(model, path, module.base_layer if isinstance(module, AdaptedLayer) else module.original)
+    del state.specs[name]
+    state.active = [n for n in state.active if n != name]
+    _apply_trainable(model)
+
+
+@dataclass
+class ParamReport:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+def trainable_parameters(model: nn.Module) -> ParamReport:
+    """Counts of trainable and all parameters (shared tensors counted once)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return ParamReport(trainable, total)
+
+
+def methods_of(model: nn.Module, name: str) -> Iterator[tuple[str, AdapterMethod]]:
+    """(layer path, method module) for every layer holding adapter `name`."""
+    _known(model, name)
+    for path, layer in adapted_layers(model, name):
+        yield path, layer.adapters[name]
+
+
+def adapter_state_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Every tensor adapter `name` owns, keyed by module path (as the checkpoint names them)."""
+    out = {}
+    for path, method in methods_of(model, name):
+        for key, t in method.to_saved().items():
+            out[f"{path}.{key}"] = t
+    return out

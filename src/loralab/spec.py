@@ -1,0 +1,76 @@
+"""AdapterSpec: what to attach (method, rank, scaling, targets, initialiser, options)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclass
+class AdapterSpec:
+    """The recipe of one adapter.
+
+    method:  a registered ΔW form (`loralab.list_methods()`), e.g. "lora" or "dora".
+    r:       rank; alpha: scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).
+    dropout: dropout on the adapter's input path.
+    targets: module-name suffixes as PEFT matches them (["q_proj", "v_proj"]), a regular
+             expression matched against the full module name, or "all-linear" (every linear
+             layer except the output head).
+    init:    a registered initialiser (`loralab.list_inits()`).
+    bias:    "none", "all" (train every bias of the model) or "lora_only" (biases of adapted layers).
+    modules_to_save: module-name suffixes trained in full and saved with the adapter (e.g. "classifier").
+    exclude: module-name suffixes or a regex never adapted, even when targets match them.
+    rslora:  rank-stabilised scaling alpha / sqrt(r) (arXiv 2312.03732).
+    options: method-specific settings; a method refuses options it does not take.
+    """
+
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str | list[str] = "all-linear"
+    init: str = "gaussian"
+    bias: str = "none"
+    modules_to_save: list[str] = field(default_factory=list)
+    exclude: str | list[str] | None = None
+    rslora: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        self.modules_to_save = list(self.modules_to_save or [])
+        self.options = dict(self.options or {})
+        self.validate()
+
+    def validate(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be a positive integer (the adapter's rank), got {self.r!r}")
+        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha must be a positive number (scale = alpha / r), got {self.alpha!r}")
+        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
+        if not self.targets:
+            raise ValueError("targets is empty: give module-name suffixes, a regex, or 'all-linear'")
+        if isinstance(self.targets, list) and not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"targets must be non-empty strings, got {self.targets!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterSpec:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown AdapterSpec field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
