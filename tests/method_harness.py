@@ -1,0 +1,149 @@
+"""Shared checks every adapter method's test file runs (issue: one method = one file + one test).
+
+Each test file supplies its ΔW written independently from the paper's equation; these
+helpers build small random layers of every supported type and check the method's unmerged
+forward, merge/unmerge, parameter count, save/load and a few training steps against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import loralab as ll
+from loralab.model import methods_of
+
+KINDS = ("linear", "hf-conv1d", "conv", "embedding")
+# reference(method, W) -> the method's ΔW in canonical [out, in] form, computed in the test
+Reference = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class Net(nn.Module):
+    """One base layer named `layer`, plus a fixed readout so training has a target."""
+
+    def __init__(self, kind: str, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.kind = kind
+        if kind == "linear":
+            self.layer = nn.Linear(12, 10)
+        elif kind == "hf-conv1d":
+            self.layer = Conv1D(10, 12)  # nf=out, nx=in
+            nn.init.normal_(self.layer.bias)
+        elif kind == "conv":
+            self.layer = nn.Conv2d(3, 10, 3, padding=1)
+        elif kind == "embedding":
+            self.layer = nn.Embedding(20, 10)
+        else:
+            raise ValueError(kind)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+    def sample(self, n: int = 4, seed: int = 1) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        if self.kind == "conv":
+            return torch.randn(n, 3, 6, 6, generator=g)
+        if self.kind == "embedding":
+            return torch.randint(0, 20, (n, 5), generator=g)
+        return torch.randn(n, 5, 12, generator=g)
+
+
+def base_matrix(net: Net) -> torch.Tensor:
+    """W in canonical [out, in] form, from the plain layer (written here, not via loralab)."""
+    w = net.layer.base_layer.weight if hasattr(net.layer, "base_layer") else net.layer.weight
+    if net.kind in ("hf-conv1d", "embedding"):
+        return w.detach().T.clone()
+    return w.detach().reshape(w.shape[0], -1).clone()
+
+
+def dense_forward(net: Net, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """The layer's output with canonical weight `matrix`, written directly with torch ops."""
+    base = net.layer.base_layer if hasattr(net.layer, "base_layer") else net.layer
+    if net.kind == "embedding":
+        return matrix.T[x]
+    if net.kind == "conv":
+        return nn.functional.conv2d(x, matrix.reshape(base.weight.shape), base.bias, padding=1)
+    return x @ matrix.T + base.bias
+
+
+def attached(spec: ll.AdapterSpec, kind: str, seed: int = 0, randomize: bool = True) -> tuple[Net, nn.Module]:
+    net = Net(kind, seed)
+    ll.add_adapter(net, spec, name="a")
+    (_, method), = list(methods_of(net, "a"))
+    if randomize:
+        g = torch.Generator().manual_seed(seed + 7)
+        with torch.no_grad():
+            for p in method.parameters():
+                if p.requires_grad:
+                    p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net, method
+
+
+def check_forward(spec: ll.AdapterSpec, reference: Reference, kinds=KINDS, atol: float = 1e-4) -> None:
+    for kind in kinds:
+        net, method = attached(spec, kind)
+        x = net.sample()
+        w = base_matrix(net)
+        expected = dense_forward(net, x, w + reference(method, w))
+        got = net(x)
+        torch.testing.assert_close(got, expected, atol=atol, rtol=1e-4, msg=f"forward on {kind}")
+        torch.testing.assert_close(method.delta_weight(), reference(method, w), atol=atol, rtol=1e-4,
+                                   msg=f"delta_weight on {kind}")
+
+
+def check_merge_roundtrip(spec: ll.AdapterSpec, kinds=KINDS, atol: float = 1e-4) -> None:
+    for kind in kinds:
+        net, _ = attached(spec, kind)
+        x = net.sample()
+        w0 = base_matrix(net)
+        unmerged = net(x)
+        ll.merge(net, "a")
+        torch.testing.assert_close(net(x), unmerged, atol=atol, rtol=1e-4, msg=f"merged output on {kind}")
+        ll.unmerge(net)
+        torch.testing.assert_close(base_matrix(net), w0, atol=1e-5, rtol=1e-5, msg=f"unmerge on {kind}")
+        torch.testing.assert_close(net(x), unmerged, atol=atol, rtol=1e-4)
+
+
+def check_param_count(spec: ll.AdapterSpec, formula: Callable[[int, int], int], kinds=KINDS) -> None:
+    """formula(in, out) is the paper's count for one layer of canonical shape [out, in]."""
+    for kind in kinds:
+        net, method = attached(spec, kind, randomize=False)
+        w = base_matrix(net)
+        want = formula(w.shape[1], w.shape[0])
+        assert ll.trainable_parameters(net).trainable == want, kind
+        assert method.expected_trainable_params() == want, kind
+
+
+def check_save_load(spec: ll.AdapterSpec, tmp_path, kinds=KINDS) -> None:
+    for kind in kinds:
+        net, _ = attached(spec, kind)
+        x = net.sample()
+        want = net(x)
+        ll.save_adapter(net, tmp_path / kind, name="a")
+        fresh = Net(kind)
+        ll.load_adapter(fresh, tmp_path / kind, name="a")
+        torch.testing.assert_close(fresh(x), want, atol=0, rtol=0, msg=f"reloaded output on {kind}")
+
+
+def check_training_lowers_loss(spec: ll.AdapterSpec, kind: str = "linear", steps: int = 30, lr: float = 1e-2) -> None:
+    """A toy regression towards a random low-rank target change: the loss must go down."""
+    net, _ = attached(spec, kind, randomize=False)
+    x = net.sample(16)
+    w = base_matrix(net)
+    g = torch.Generator().manual_seed(3)
+    change = torch.randn(w.shape[0], 1, generator=g) @ torch.randn(1, w.shape[1], generator=g)
+    with torch.no_grad():
+        target = dense_forward(net, x, w + 0.3 * change / change.norm() * w.norm())
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = (net(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses

@@ -1,0 +1,117 @@
+"""Our adapter files against HF PEFT itself: what loralab saves PEFT loads, and the other way round.
+
+Small transformers models built from configs (Llama with nn.Linear, GPT-2 with Conv1D, BERT
+classification with a saved head) stand in for the embedded ones; logits must agree.
+"""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+import loralab as ll
+
+
+def llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+def bert_cls():
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, num_labels=3)
+    return BertForSequenceClassification(cfg).eval()
+
+
+INPUT = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+
+CASES = {
+    "lora": (llama, dict(r=4, alpha=8, targets=["q_proj", "v_proj", "gate_proj"])),
+    "rslora": (llama, dict(r=4, alpha=8, targets="all-linear", rslora=True)),
+    "dora": (llama, dict(method="dora", r=4, alpha=8, targets=["q_proj", "down_proj"])),
+    "gpt2-conv1d": (gpt2, dict(r=4, alpha=8, targets=["c_attn", "c_fc"])),
+    "bert-head": (bert_cls, dict(r=4, alpha=8, targets=["query", "value"], modules_to_save=["classifier"],
+                                 bias="lora_only")),
+}
+
+
+def randomise_trainables(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(INPUT).logits
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loralab_saved_adapter_loads_in_peft(case, tmp_path):
+    make, kwargs = CASES[case]
+    model = make()
+    ll.add_adapter(model, ll.AdapterSpec(**kwargs))
+    randomise_trainables(model, 1)
+    want = logits(model)
+    ll.save_adapter(model, tmp_path)
+    peft_model = PeftModel.from_pretrained(make(), tmp_path).eval()
+    torch.testing.assert_close(logits(peft_model), want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(logits(make()), want, atol=1e-3)  # the adapter does change the output
+
+
+def peft_config(kwargs):
+    return LoraConfig(r=kwargs["r"], lora_alpha=kwargs["alpha"], target_modules=kwargs["targets"],
+                      use_dora=kwargs.get("method") == "dora", use_rslora=kwargs.get("rslora", False),
+                      modules_to_save=kwargs.get("modules_to_save"), bias=kwargs.get("bias", "none"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_peft_saved_adapter_loads_in_loralab(case, tmp_path):
+    make, kwargs = CASES[case]
+    peft_model = get_peft_model(make(), peft_config(kwargs))
+    randomise_trainables(peft_model, 2)
+    peft_model.eval()
+    want = logits(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    model = make()
+    ll.load_adapter(model, tmp_path)
+    torch.testing.assert_close(logits(model), want, atol=1e-5, rtol=1e-4)
+
+
+def test_saved_config_has_peft_fields(tmp_path):
+    model = llama()
+    ll.add_adapter(model, ll.AdapterSpec(method="dora", r=4, alpha=8, targets=["q_proj"], rslora=True))
+    ll.save_adapter(model, tmp_path)
+    cfg = ll.read_config(tmp_path)
+    assert cfg["peft_type"] == "LORA" and cfg["use_dora"] and cfg["use_rslora"]
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["target_modules"] == ["q_proj"]
+    assert cfg["task_type"] == "CAUSAL_LM" and "loralab" not in cfg
+
+
+def test_merged_export_equals_peft_merge(tmp_path):
+    model = llama()
+    ll.add_adapter(model, ll.AdapterSpec(r=4, alpha=8, targets="all-linear"))
+    randomise_trainables(model, 3)
+    ll.save_adapter(model, tmp_path)
+    ours = ll.merge_and_unload(copy.deepcopy(model))
+    theirs = PeftModel.from_pretrained(llama(), tmp_path).merge_and_unload()
+    torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=1e-4)
