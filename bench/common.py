@@ -1,0 +1,62 @@
+"""Shared helpers for the benchmarks: interleaved timing and median per-round ratios.
+
+Back-to-back runs on a small shared machine swing by 20%, so every benchmark times all
+contenders round by round (rotating their order) and reports the median of the per-round
+ratios to the anchor rather than ratios of totals.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def time_once(fn: Callable[[], object], repeats: int) -> float:
+    """Mean seconds of `repeats` calls (after the caller's warm-up)."""
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], anchor: str, rounds: int = 7, repeats: int = 3,
+                warmup: int = 2) -> dict[str, dict[str, float]]:
+    """{name: {"ratio": median per-round time / anchor time, "seconds": median time}}."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    names = list(contenders)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            times[n].append(time_once(contenders[n], repeats))
+    out = {}
+    for n in names:
+        ratios = [t / a for t, a in zip(times[n], times[anchor])]
+        out[n] = {"ratio": statistics.median(ratios), "seconds": statistics.median(times[n])}
+    return out
+
+
+def saved_tensor_megabytes(fn: Callable[[], torch.Tensor]) -> float:
+    """MB of distinct tensors autograd keeps for backward while `fn()` runs its forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values()) / 2**20
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)

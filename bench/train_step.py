@@ -1,0 +1,110 @@
+"""Training-step and unmerged-inference cost of loralab vs HF PEFT vs the frozen base model.
+
+SmolLM2-135M's shape (random weights: only the shape matters for time), LoRA r=16 on all
+seven projections of every layer. Floor = the frozen base's forward + backward (activation
+gradients only), or its forward for inference. Run: `.venv/bin/python bench/train_step.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from common import interleaved, markdown_table, saved_tensor_megabytes
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import loralab as ll
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def smollm2_shape(layers: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    model.requires_grad_(False)
+    return model
+
+
+def make_models(base: torch.nn.Module, dora: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    ours = copy.deepcopy(base)
+    ll.add_adapter(ours, ll.AdapterSpec(method="dora" if dora else "lora", r=16, alpha=32, targets=TARGETS))
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
+                                                            use_dora=dora))
+    for m in (ours, theirs):  # non-zero B so no path can shortcut a zero update
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.01)
+    return ours, theirs
+
+
+def step_fn(model: torch.nn.Module, ids: torch.Tensor, floor: bool = False):
+    embed = model.get_input_embeddings()
+
+    def step() -> None:
+        h = embed(ids).detach().requires_grad_(floor)  # the floor needs something to differentiate
+        loss = model(inputs_embeds=h, labels=ids).loss
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    return step
+
+
+def forward_fn(model: torch.nn.Module, ids: torch.Tensor):
+    def fwd() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids)
+
+    return fwd
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    base = smollm2_shape(args.layers)
+    ids = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    lora_ours, lora_peft = make_models(base, dora=False)
+    dora_ours, dora_peft = make_models(base, dora=True)
+
+    rows = []
+    train = interleaved({"floor": step_fn(base, ids, floor=True), "loralab": step_fn(lora_ours, ids),
+                         "peft": step_fn(lora_peft, ids)}, "floor", rounds=args.rounds)
+    rows.append(["LoRA train step", train["loralab"], train["peft"], train["floor"]])
+    dora = interleaved({"floor": step_fn(base, ids, floor=True), "loralab": step_fn(dora_ours, ids),
+                        "peft": step_fn(dora_peft, ids)}, "floor", rounds=args.rounds)
+    rows.append(["DoRA train step", dora["loralab"], dora["peft"], dora["floor"]])
+    infer = interleaved({"base": forward_fn(base, ids), "loralab": forward_fn(lora_ours, ids),
+                         "peft": forward_fn(lora_peft, ids)}, "base", rounds=args.rounds)
+    rows.append(["LoRA unmerged inference", infer["loralab"], infer["peft"], infer["base"]])
+
+    def mem(model, floor=False):
+        h = model.get_input_embeddings()(ids).detach().requires_grad_(floor)
+        return saved_tensor_megabytes(lambda: model(inputs_embeds=h, labels=ids).loss)
+
+    table = [[name, f"{o['ratio']:.3f}x", f"{p['ratio']:.3f}x", f"{p['ratio'] / o['ratio']:.2f}x",
+              f"{f['seconds'] * 1000:.0f} ms"] for name, o, p, f in rows]
+    print(f"SmolLM2-135M shape ({args.layers} layers), batch {args.batch}x{args.seq}, LoRA r=16 on 7 projections, "
+          f"{args.threads} threads, median of {args.rounds} interleaved rounds")
+    print(markdown_table(["contender", "loralab / floor", "PEFT / floor", "loralab speed-up over PEFT", "floor"],
+                         table))
+    print()
+    mem_rows = [[name, f"{mem(m, floor):.0f} MB"] for name, m, floor in [
+        ("frozen base (floor)", base, True), ("loralab LoRA", lora_ours, False), ("PEFT LoRA", lora_peft, False),
+        ("loralab DoRA", dora_ours, False), ("PEFT DoRA", dora_peft, False)]]
+    print(markdown_table(["activation memory kept for backward", "MB"], mem_rows))
+
+
+if __name__ == "__main__":
+    main()
