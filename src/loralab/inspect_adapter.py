@@ -1,0 +1,61 @@
+"""What is in an adapter folder, without loading a base model: config, sizes, per-layer norms."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from loralab.checkpoint import read_config, read_tensors, spec_from_config
+
+
+@dataclass
+class LayerSummary:
+    module: str
+    tensors: dict[str, list[int]]
+    params: int
+    delta_norm: float | None  # ‖s·BA‖_F for LoRA-family factors (DoRA: before its magnitude), else None
+    tensor_norm: float  # ‖all of this layer's adapter tensors‖
+
+
+@dataclass
+class AdapterSummary:
+    path: str
+    config: dict[str, Any]
+    method: str
+    params: int
+    layers: list[LayerSummary] = field(default_factory=list)
+
+
+def lora_delta_norm(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
+    """‖s·BA‖_F from the factors: sqrt(trace((BᵀB)(AAᵀ))), no out×in product formed."""
+    a, b = a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()
+    return float(scale * torch.trace((b.T @ b) @ (a @ a.T)).clamp_min(0).sqrt())
+
+
+def summarize(path: str | os.PathLike) -> AdapterSummary:
+    config = read_config(path)
+    spec = spec_from_config(config)
+    tensors = read_tensors(path)
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, t in tensors.items():
+        for marker in (".lora_", ".base_layer."):
+            if marker in key:
+                module, _, rest = key.partition(marker)
+                groups[module][marker.strip(".") + rest] = t
+                break
+        else:
+            module, _, leaf = key.rpartition(".")
+            groups[module][leaf] = t
+    layers = []
+    for module, own in sorted(groups.items()):
+        a = own.get("lora_A.weight", own.get("lora_embedding_A"))
+        b = own.get("lora_B.weight", own.get("lora_embedding_B"))
+        delta = lora_delta_norm(a, b, spec.scale) if a is not None and b is not None else None
+        flat = torch.cat([t.float().flatten() for t in own.values()])
+        layers.append(LayerSummary(module, {k: list(t.shape) for k, t in own.items()}, flat.numel(), delta,
+                                   float(flat.norm())))
+    return AdapterSummary(str(path), config, spec.method, sum(t.numel() for t in tensors.values()), layers)

@@ -1,0 +1,25 @@
+"""`summarize` reads an adapter folder alone; its norms match dense ΔW computed here."""
+
+import torch
+from torch import nn
+
+import loralab as ll
+from loralab.inspect_adapter import summarize
+
+
+def test_summary_matches_dense_delta(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 6), nn.Conv2d(2, 3, 3), nn.Embedding(10, 4))
+    ll.add_adapter(m, ll.AdapterSpec(r=2, alpha=5, targets=["0", "1", "2"]))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    ll.save_adapter(m, tmp_path)
+    s = summarize(tmp_path)
+    assert s.method == "lora" and s.params == sum(p.numel() for p in m.parameters() if p.requires_grad)
+    by_module = {layer.module: layer for layer in s.layers}
+    for name in ("0", "1", "2"):
+        method = m.get_submodule(name).adapters["default"]
+        dense = (2.5 * method.lora_B @ method.lora_A).norm().item()
+        assert abs(by_module[name].delta_norm - dense) < 1e-4 * max(dense, 1)
