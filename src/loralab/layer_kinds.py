@@ -57,8 +57,10 @@ class LayerKind:
     def add_bias(self, out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return out + bias
 
-    def row_norm_dims(self) -> tuple[int, ...]:
-        return (1,)
+    def without_bias(self, out: torch.Tensor) -> torch.Tensor:
+        """The base output `out` minus the layer's bias."""
+        bias = self.bias
+        return out if bias is None else self.add_bias(out, -bias)
 
 
 class HFConv1DKind(LayerKind):

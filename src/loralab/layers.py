@@ -76,10 +76,6 @@ class AdaptedLayer(nn.Module):
         self._live = [self.adapters[n] for n in self.active if n not in self.merged]
         self._needs_base = any(m.needs_base for m in self._live)
 
-    def _base_without_bias(self, out: torch.Tensor) -> torch.Tensor:
-        bias = self.kind.bias
-        return out if bias is None else self.kind.add_bias(out, -bias)
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
@@ -88,7 +84,9 @@ class AdaptedLayer(nn.Module):
             return self._forward_rows(x, out, self.row_plan)
         if not self._live:
             return out
-        base = self._base_without_bias(out) if self._needs_base else None
+        if len(self._live) == 1:
+            return self._live[0].apply_alone(x, out)
+        base = self.kind.without_bias(out) if self._needs_base else None
         for method in self._live:
             out = method.add_to(out, x, base)
         return out
@@ -102,9 +100,8 @@ class AdaptedLayer(nn.Module):
             method = self.adapters[name] if name is not None and name in self.adapters else None
             if method is None:
                 continue
-            rows = out.index_select(0, idx)
-            base = self._base_without_bias(rows) if method.needs_base else None
-            result = result.index_copy(0, idx, method.add_to(rows, x.index_select(0, idx), base))
+            rows = method.apply_alone(x.index_select(0, idx), out.index_select(0, idx))
+            result = result.index_copy(0, idx, rows)
         return result
 
     # ---- merging ---------------------------------------------------------------------------

@@ -85,6 +85,10 @@ class AdapterMethod(nn.Module):
         """out + forward(x, base); methods may fuse the add."""
         return out + self.forward(x, base)
 
+    def apply_alone(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The layer output when this is the only adapter; `out` is the base output with bias."""
+        return self.add_to(out, x, self.layer.without_bias(out) if self.needs_base else None)
+
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The canonical weight with this adapter folded in."""
         return weight + self.delta_weight().to(weight.dtype)

@@ -10,6 +10,7 @@ pass. It is computed without forming the out×in matrix W + sBA: with ‖W‖² 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from loralab.layer_kinds import LayerKind
 from loralab.methods.base import METHODS, AdapterMethod
@@ -64,6 +65,17 @@ class DoRA(LoRA):
         return (g - 1) * base + g * self.low_rank_out(x)
 
     add_to = AdapterMethod.add_to
+
+    def apply_alone(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """g ⊙ (Wx + b + sBAx) + (1 − g) ⊙ b in two fused kernels (addmm, addcmul) for linear layers."""
+        if self.layer.name == "conv" or (self.dropout is not None and self.training):
+            return super().apply_alone(x, out)
+        g = self.magnitude / self.row_norms().to(self.magnitude.dtype)
+        h = F.linear(x, self.lora_A)
+        t = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), self.lora_B.T, alpha=self.scale)
+        bias = self.layer.bias
+        y = t * g if bias is None else torch.addcmul((1 - g) * bias, t, g)
+        return y.view(out.shape)
 
     def delta_weight(self) -> torch.Tensor:
         w = self.layer.matrix(self.layer.weight.detach())
