@@ -1,6 +1,6 @@
 """Initialisers, one file each, registered by name in `INITS`."""
 
-from loralab.inits.base import INITS, InitContext
+from loralab.inits.base import INITS, InitContext, Initialiser, initialiser
 
 
 def list_inits() -> list[str]:
@@ -8,4 +8,4 @@ def list_inits() -> list[str]:
     return INITS.names()
 
 
-__all__ = ["INITS", "InitContext", "list_inits"]
+__all__ = ["INITS", "InitContext", "Initialiser", "initialiser", "list_inits"]

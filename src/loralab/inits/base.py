@@ -22,11 +22,36 @@ from loralab.registry import Registry
 class InitContext:
     calibration: Iterable[Any] | None = None  # batches (dicts of tensors) for data-driven inits
     budget: int = 8  # how many calibration batches to use
-    needs_data: bool = False
 
 
-Initialiser = Callable[[nn.Module, list[tuple[str, AdapterMethod]], InitContext], None]
+InitFn = Callable[[nn.Module, list[tuple[str, AdapterMethod]], InitContext], None]
+
+
+@dataclass(frozen=True)
+class Initialiser:
+    fn: InitFn
+    summary: str
+    paper: str = ""  # arXiv id
+    needs_data: bool = False  # refuses to run without calibration batches
+
+    def __call__(self, model: nn.Module, adapted: list[tuple[str, AdapterMethod]], context: InitContext) -> None:
+        if self.needs_data and context.calibration is None:
+            raise ValueError("this initialiser needs calibration data: pass calibration=<batches> to add_adapter "
+                             "(or --calibration-batches N on the command line)")
+        self.fn(model, adapted, context)
+
+
 INITS: Registry[Initialiser] = Registry("init", "loralab.inits")
+
+
+def initialiser(name: str, summary: str, paper: str = "", needs_data: bool = False) -> Callable[[InitFn], InitFn]:
+    """Register `fn` as init `name`."""
+
+    def add(fn: InitFn) -> InitFn:
+        INITS.register(name)(Initialiser(fn, summary, paper, needs_data))
+        return fn
+
+    return add
 
 
 def low_rank_methods(adapted: list[tuple[str, AdapterMethod]], init: str) -> list[AdapterMethod]:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loralab.inits.base import INITS, InitContext
+from loralab.inits.base import InitContext, initialiser
 from loralab.methods.base import AdapterMethod
 
 
-@INITS.register("gaussian")
+@initialiser("gaussian", "A ~ N(0, 1/r²), B = 0 (the LoRA paper); other methods keep their own init", "2106.09685")
 @torch.no_grad()
 def gaussian(model: nn.Module, adapted: list[tuple[str, AdapterMethod]], context: InitContext) -> None:
     for _, method in adapted:

@@ -7,11 +7,11 @@ import math
 import torch
 from torch import nn
 
-from loralab.inits.base import INITS, InitContext, low_rank_methods
+from loralab.inits.base import InitContext, initialiser, low_rank_methods
 from loralab.methods.base import AdapterMethod
 
 
-@INITS.register("kaiming")
+@initialiser("kaiming", "A Kaiming-uniform, B = 0 (HF PEFT's default)")
 @torch.no_grad()
 def kaiming(model: nn.Module, adapted: list[tuple[str, AdapterMethod]], context: InitContext) -> None:
     for method in low_rank_methods(adapted, "kaiming"):

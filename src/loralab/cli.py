@@ -1,0 +1,136 @@
+"""The `loralab` command: thin wrappers that parse arguments, call the library and print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """--option key=value (value parsed as JSON when it can be: numbers, true/false, lists)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option wants key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def add_adapter_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("adapter")
+    g.add_argument("--method", default="lora", help="ΔW form (see `loralab methods`), default lora")
+    g.add_argument("--r", type=int, default=8, help="rank (default 8)")
+    g.add_argument("--alpha", type=float, default=16.0, help="scaling numerator: scale = alpha / r (default 16)")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter path (default 0)")
+    g.add_argument("--targets", default="all-linear",
+                   help="comma-separated module-name suffixes (q_proj,v_proj), a regex, or all-linear (default)")
+    g.add_argument("--init", default="gaussian", help="initialiser (see `loralab methods`), default gaussian")
+    g.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rsLoRA)")
+    g.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method option; repeatable")
+
+
+def spec_from_args(args: argparse.Namespace, modules_to_save: list[str] | None = None):
+    from loralab.spec import AdapterSpec
+
+    targets = args.targets
+    if targets != "all-linear" and "," in targets:
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    elif targets != "all-linear" and targets.isidentifier():
+        targets = [targets]
+    return AdapterSpec(method=args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=targets,
+                       init=args.init, rslora=args.rslora, modules_to_save=modules_to_save or [],
+                       options=_parse_options(args.option))
+
+
+# ---- methods -------------------------------------------------------------------------------
+def methods_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def methods(args: argparse.Namespace) -> int:
+    from loralab.inits.base import INITS
+    from loralab.methods.base import METHODS
+
+    rows = [{"name": n, "summary": c.summary, "paper": c.paper and f"arXiv:{c.paper}",
+             "trainable params per layer": c.param_formula} for n, c in METHODS.items()]
+    inits = [{"name": n, "summary": i.summary, "paper": i.paper and f"arXiv:{i.paper}",
+              "needs calibration data": i.needs_data} for n, i in INITS.items()]
+    if args.json:
+        print(json.dumps({"methods": rows, "inits": inits}, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows + inits)
+    print("Methods (AdapterSpec(method=...), --method):")
+    for r in rows:
+        print(f"  {r['name']:<{width}}  {r['summary']}  [{r['paper']}; params: {r['trainable params per layer']}]")
+    print("\nInitialisers (AdapterSpec(init=...), --init):")
+    for r in inits:
+        paper = f"  [{r['paper']}]" if r["paper"] else ""
+        data = "  (needs calibration data)" if r["needs calibration data"] else ""
+        print(f"  {r['name']:<{width}}  {r['summary']}{paper}{data}")
+    return 0
+
+
+# ---- inspect -------------------------------------------------------------------------------
+def inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="folder with adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from loralab.inspect_adapter import summarize
+
+    s = summarize(args.adapter)
+    if args.json:
+        print(json.dumps(asdict(s), indent=2))
+        return 0
+    c = s.config
+    print(f"adapter   {s.path}\nmethod    {s.method} (peft_type {c.get('peft_type')})\n"
+          f"rank      r={c.get('r')} alpha={c.get('lora_alpha')} rslora={c.get('use_rslora', False)}\n"
+          f"targets   {c.get('target_modules')}\nbase      {c.get('base_model_name_or_path')}\n"
+          f"task      {c.get('task_type')}\nparams    {s.params:,} in {len(s.layers)} modules")
+    width = max((len(layer.module) for layer in s.layers), default=6)
+    print(f"\n  {'module':<{width}}  {'params':>9}  {'|s·BA|_F':>10}  {'|tensors|':>10}")
+    for layer in s.layers:
+        delta = f"{layer.delta_norm:10.4f}" if layer.delta_norm is not None else f"{'-':>10}"
+        print(f"  {layer.module:<{width}}  {layer.params:>9,}  {delta}  {layer.tensor_norm:10.4f}")
+    return 0
+
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+COMMANDS: dict[str, Command] = {
+    "methods": ("list the adapter methods and initialisers with their papers", methods_args, methods),
+    "inspect": ("show an adapter folder's config, parameter count and per-layer norms", inspect_args, inspect),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="loralab", description="Low-rank adapters for PyTorch models: train, save (HF PEFT format), "
+        "evaluate, generate, merge and inspect.",
+        epilog="Run `loralab <command> --help` for a command's options.")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_args(p)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command][2](args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"loralab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
