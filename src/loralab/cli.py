@@ -104,10 +104,60 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- generate ------------------------------------------------------------------------------
+def generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default="smollm2-135m", help="embedded model name or local HF folder")
+    p.add_argument("--adapter", help="adapter folder to apply (omit for the base model alone)")
+    p.add_argument("--prompt", required=True, help="the user message (or raw text with --no-chat)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the model's chat template")
+
+
+def generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from loralab.loading import load_with_adapter
+
+    model, tok = load_with_adapter(args.base, args.adapter, task="causal-lm")
+    if not args.no_chat and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    else:
+        text = args.prompt
+    enc = tok(text, return_tensors="pt", add_special_tokens=args.no_chat)
+    torch.manual_seed(args.seed)
+    sample = args.temperature > 0
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=sample, pad_token_id=tok.pad_token_id,
+                             **({"temperature": args.temperature, "top_p": args.top_p} if sample else {}))
+    print(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+# ---- merge ---------------------------------------------------------------------------------
+def merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="embedded model name or local HF folder the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--out", required=True, help="folder for the merged model (transformers loads it)")
+
+
+def merge(args: argparse.Namespace) -> int:
+    from loralab.export import export_merged
+
+    out = export_merged(args.base, args.adapter, args.out)
+    print(f"merged model written to {out} (load it with transformers' from_pretrained)")
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
     "methods": ("list the adapter methods and initialisers with their papers", methods_args, methods),
     "inspect": ("show an adapter folder's config, parameter count and per-layer norms", inspect_args, inspect),
+    "generate": ("generate text with a causal LM, with or without an adapter", generate_args, generate),
+    "merge": ("fold an adapter into its base model and write a plain transformers model folder", merge_args, merge),
 }
 
 

@@ -1,0 +1,37 @@
+"""Base model + adapter in one call, with the task read from the adapter's own config."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from loralab.checkpoint import load_adapter, read_config, read_tensors
+
+HEAD_NAMES = ("classifier", "score")
+
+
+def task_of_adapter(path: str | os.PathLike) -> tuple[str, int | None]:
+    """("causal-lm", None) or ("classification", num_labels) from adapter_config.json and the saved head."""
+    config = read_config(path)
+    if config.get("task_type") != "SEQ_CLS":
+        return "causal-lm", None
+    for key, t in read_tensors(path).items():
+        module, _, leaf = key.rpartition(".")
+        if leaf == "weight" and module.rsplit(".", 1)[-1] in HEAD_NAMES:
+            return "classification", int(t.shape[0])
+    raise ValueError(f"{path} is a classification adapter but holds no classifier head to tell the label count")
+
+
+def load_with_adapter(base: str, adapter: str | os.PathLike | None = None, name: str = "default",
+                      task: str | None = None, num_labels: int | None = None) -> tuple[nn.Module, object]:
+    """(model, tokenizer): the base model (an embedded name or a local folder), with the adapter if given."""
+    from loralab.zoo.models import load_base
+
+    if adapter is not None and task is None:
+        task, num_labels = task_of_adapter(adapter)
+    model, tokenizer = load_base(base, task=task or "causal-lm", num_labels=num_labels)
+    if adapter is not None:
+        load_adapter(model, adapter, name=name)
+    model.eval()
+    return model, tokenizer
