@@ -11,6 +11,7 @@ renamed into place, so an interrupted save never leaves a half-written adapter.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -68,12 +69,16 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
     spec = get_spec(model, name)
     method = METHODS.get(spec.method)
     layers = dict(adapted_layers(model, name))
+    r, alpha = spec.r, spec.alpha
+    if _has_base_offset(model, name):
+        r = 2 * spec.r
+        alpha = spec.scale * (math.sqrt(r) if spec.rslora else r)
     config: dict[str, Any] = {
         "peft_type": "LORA" if method.peft_type == "LORA" else "LORALAB",
         "task_type": _task_type(model),
         "base_model_name_or_path": _base_name(model),
-        "r": spec.r,
-        "lora_alpha": spec.alpha,
+        "r": r,
+        "lora_alpha": alpha,
         "lora_dropout": spec.dropout,
         "target_modules": _saved_targets(model, list(layers)),
         "exclude_modules": None,
@@ -102,7 +107,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     spec = get_spec(model, name)
     out: dict[str, torch.Tensor] = {}
     for path, method in methods_of(model, name):
-        for key, t in method.to_saved().items():
+        for key, t in _saved_for_original_base(method).items():
             out[f"{PREFIX}{path}.{key}"] = t
     for path, module in wrappers(model):
         if isinstance(module, SavedModule) and name in module.copies:
@@ -111,6 +116,23 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     for key, t in _bias_tensors(model, spec.bias, name).items():
         out[PREFIX + key] = t
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+
+
+def _has_base_offset(model: nn.Module, name: str) -> bool:
+    return any(getattr(m, "base_offset", None) is not None for _, m in methods_of(model, name))
+
+
+def _saved_for_original_base(method: nn.Module) -> dict[str, torch.Tensor]:
+    """The method's tensors; where an initialiser moved s·B₀A₀ out of the base (PiSSA, MiLoRA,
+    OLoRA, …), a rank-2r LoRA [A; A₀], [B, −B₀] that applies to the original base (as PEFT does)."""
+    saved = method.to_saved()
+    offset = getattr(method, "base_offset", None)
+    if offset is None:
+        return saved
+    a0, b0 = offset
+    saved.update(method.factor_tensors(torch.cat([method.lora_A.detach(), a0]),
+                                       torch.cat([method.lora_B.detach(), -b0], dim=1)))
+    return saved
 
 
 def _bias_tensors(model: nn.Module, mode: str, name: str) -> dict[str, torch.Tensor]:

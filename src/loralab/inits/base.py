@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from loralab.methods.base import AdapterMethod
@@ -52,6 +53,24 @@ def initialiser(name: str, summary: str, paper: str = "", needs_data: bool = Fal
         return fn
 
     return add
+
+
+@torch.no_grad()
+def start_from_factors(method: AdapterMethod, b: torch.Tensor, a: torch.Tensor) -> None:
+    """Set s·BA = b @ a and move that part out of the base weight, so the output is unchanged.
+
+    The method remembers the factors it started from (`base_offset`): the base now differs
+    from the original by −s·B₀A₀, and saving converts the adapter back to one that applies to
+    the original base (see checkpoint.py).
+    """
+    root = method.scale ** 0.5
+    method.lora_B.copy_(b / root)
+    method.lora_A.copy_(a / root)
+    layer = method.layer
+    weight = layer.weight
+    residual = layer.matrix(weight.detach()).float() - b.float() @ a.float()
+    weight.data.copy_(layer.to_weight(residual.to(weight.dtype)))
+    method.base_offset = (method.lora_A.detach().clone(), method.lora_B.detach().clone())
 
 
 def low_rank_methods(adapted: list[tuple[str, AdapterMethod]], init: str) -> list[AdapterMethod]:

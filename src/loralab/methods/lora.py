@@ -64,11 +64,13 @@ class LoRA(AdapterMethod):
 
     # PEFT names: lora_A.weight / lora_B.weight (conv: kernel shapes), lora_embedding_A / _B.
     def to_saved(self) -> dict[str, torch.Tensor]:
-        a, b = self.lora_A.detach(), self.lora_B.detach()
+        return self.factor_tensors(self.lora_A.detach(), self.lora_B.detach())
+
+    def factor_tensors(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Canonical factors A [r, in], B [out, r] under PEFT's key names and shapes for this layer."""
         if self.layer.name == "embedding":
             return {"lora_embedding_A": a, "lora_embedding_B": b}
         if self.layer.name == "conv":
             k = self.layer.weight.shape[2:]
-            return {"lora_A.weight": a.view(self.r, -1, *k), "lora_B.weight": b.view(*b.shape, *[1] * len(k))}
+            return {"lora_A.weight": a.view(a.shape[0], -1, *k), "lora_B.weight": b.view(*b.shape, *[1] * len(k))}
         return {"lora_A.weight": a, "lora_B.weight": b}
-

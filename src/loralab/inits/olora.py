@@ -1,0 +1,21 @@
+"""OLoRA: orthonormal LoRA initialisation by QR (Büyükakyüz, arXiv 2406.01775).
+
+W = QR; B = Q[:, :r] (orthonormal columns), A = R[:r]; the base keeps W − s·BA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loralab.inits.base import InitContext, initialiser, low_rank_methods, start_from_factors
+from loralab.methods.base import AdapterMethod
+
+
+@initialiser("olora", "B, A from the QR decomposition of W (orthonormal B); the base keeps the residual",
+             "2406.01775")
+@torch.no_grad()
+def olora(model: nn.Module, adapted: list[tuple[str, AdapterMethod]], context: InitContext) -> None:
+    for method in low_rank_methods(adapted, "olora"):
+        q, r = torch.linalg.qr(method.layer.matrix().float())
+        start_from_factors(method, q[:, : method.r], r[: method.r])
