@@ -1,0 +1,386 @@
+"""The training loop: AdamW (or any registered optimiser), warm-up + decay, accumulation, clipping,
+periodic evaluation, atomic checkpoints with exact resume, a progress bar, a JSONL log, and
+data parallelism under torchrun (DDP; gloo on CPU).
+
+Exact resume: the data order is a seeded permutation per epoch and the loop tracks
+(epoch, position) itself, and every checkpoint holds the trainable parameters, optimiser and
+scheduler state and all RNG states, so a resumed run takes the same steps as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from loralab.train.data import collate
+from loralab.train.optim import get_optimizer
+
+SCHEDULES = ("linear", "cosine", "constant")
+KINDS = ("classification", "causal-lm")
+
+
+@dataclass
+class TrainConfig:
+    task_kind: str = "classification"  # or "causal-lm"
+    optimizer: str = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    optimizer_options: dict[str, Any] = field(default_factory=dict)  # e.g. LoRA+'s ratio
+    batch_size: int = 16  # examples per optimiser step and micro-step, over all processes
+    grad_accum: int = 1
+    max_steps: int = 100  # optimiser steps
+    warmup_steps: int = 0
+    schedule: str = "linear"  # after warm-up: linear decay to 0, cosine, or constant
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 0  # 0: only at the end
+    eval_batch_size: int = 64
+    save_every: int = 0  # 0: only at the end (and on Ctrl-C)
+    out_dir: str | None = None
+    keep_last: int = 2
+    seed: int = 0
+    log_every: int = 10
+    progress: bool = True
+
+    def validate(self) -> None:
+        checks = [(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+                  (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+                  (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+                  (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+                  (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+                  (self.schedule in SCHEDULES,
+                   f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+                  (self.task_kind in KINDS, f"task_kind must be one of {', '.join(KINDS)}, got {self.task_kind!r}")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Multiplier of the base learning rate at optimiser step `step` (0-based)."""
+    if step < config.warmup_steps:
+        return (step + 1) / (config.warmup_steps + 1)
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    if config.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return max(0.0, 1.0 - progress)
+
+
+def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, logits) from a HF-style model; the loss is computed from logits when absent."""
+    out = model(**batch)
+    logits = out if torch.is_tensor(out) else out.logits
+    loss = None if torch.is_tensor(out) else getattr(out, "loss", None)
+    if loss is None:
+        labels = batch["labels"]
+        if kind == "classification":
+            loss = F.cross_entropy(logits.float(), labels)
+        else:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    return loss, logits
+
+
+class Trainer:
+    """Train `model`'s trainable parameters on a list of tokenised examples."""
+
+    def __init__(self, model: nn.Module, train_data: list[dict[str, Any]],
+                 eval_data: list[dict[str, Any]] | None = None, config: TrainConfig | None = None,
+                 collate_fn: Callable[[list], dict] | None = None,
+                 optimizer_factory: Callable[[nn.Module, TrainConfig], torch.optim.Optimizer] | None = None,
+                 callbacks: Iterable[Any] = (), on_save: Callable[[Trainer, Path], None] | None = None,
+                 pad_token_id: int = 0) -> None:
+        self.config = config or TrainConfig()
+        self.config.validate()
+        if not train_data:
+            raise ValueError("the training data is empty")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("the model has no trainable parameters: add an adapter (loralab.add_adapter) "
+                             "or unfreeze something first")
+        self.model = model
+        self.train_data = list(train_data)
+        self.eval_data = list(eval_data) if eval_data else None
+        self.collate = collate_fn or partial(collate, pad_token_id=pad_token_id)
+        self.callbacks = list(callbacks)
+        self.on_save = on_save
+        self.rank, self.world = _distributed()
+        if self.config.batch_size % self.world:
+            raise ValueError(f"batch_size {self.config.batch_size} must divide by the {self.world} processes")
+        self.engine = _wrap_ddp(model) if self.world > 1 else model
+        factory = optimizer_factory or get_optimizer(self.config.optimizer)
+        self.optimizer = factory(model, self.config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, config=self.config))
+        self.step = 0
+        self.epoch = 0
+        self.position = 0
+        self.history: list[dict[str, Any]] = []
+        self.out_dir = Path(self.config.out_dir) if self.config.out_dir else None
+        self._saved_step = -1
+
+    # ---- data ------------------------------------------------------------------------------
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.train_data), generator=g).tolist()
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        """The next global batch's share for this process; epochs roll over in place."""
+        size = self.config.batch_size
+        order = self._order(self.epoch)
+        if self.position + size > len(order):
+            self.epoch, self.position = self.epoch + 1, 0
+            order = self._order(self.epoch)
+        picked = order[self.position:self.position + size]
+        self.position += size
+        share = size // self.world
+        mine = picked[self.rank * share:(self.rank + 1) * share]
+        return self._to_device(self.collate([self.train_data[i] for i in mine]))
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
+
+    # ---- the loop --------------------------------------------------------------------------
+    def train(self, resume_from: str | os.PathLike | None = None) -> dict[str, Any]:
+        """Run to max_steps; returns the final evaluation (and the last training loss)."""
+        if resume_from is not None:
+            self.load_checkpoint(self._resolve_resume(resume_from))
+        cfg = self.config
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not cfg.progress or self.rank != 0,
+                   dynamic_ncols=True)
+        start, seen_examples, seen_tokens, last_loss = time.perf_counter(), 0, 0, float("nan")
+        self.model.train()
+        try:
+            while self.step < cfg.max_steps:
+                loss_sum = 0.0
+                for micro in range(cfg.grad_accum):
+                    batch = self._next_batch()
+                    sync = micro == cfg.grad_accum - 1 or self.world == 1
+                    with contextlib.nullcontext() if sync else self.engine.no_sync():
+                        loss, _ = compute_loss(self.engine, batch, cfg.task_kind)
+                        (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.item() / cfg.grad_accum
+                    seen_examples += batch["input_ids"].shape[0] * self.world
+                    seen_tokens += int(batch["attention_mask"].sum()) * self.world if "attention_mask" in batch else 0
+                grad_norm = self._clip()
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                last_loss = _mean_over_ranks(loss_sum, self.world)
+                elapsed = time.perf_counter() - start
+                logs = {"step": self.step, "loss": last_loss, "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm, "examples_per_s": seen_examples / elapsed,
+                        "tokens_per_s": seen_tokens / elapsed, "elapsed_s": elapsed}
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}", ex_s=f"{logs['examples_per_s']:.1f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    self._log(logs)
+                for cb in self.callbacks:
+                    if hasattr(cb, "on_step_end"):
+                        cb.on_step_end(self, self.step, logs)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                    self._evaluate_and_log()
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            bar.close()
+            if self.out_dir is not None and self.step > 0:
+                path = self.save_checkpoint()
+                if self.rank == 0:
+                    print(f"\ninterrupted at step {self.step}; checkpoint saved in {path}. "
+                          f"Resume with --resume (train(resume_from='latest')).")
+            raise
+        bar.close()
+        result = self._evaluate_and_log() if self.eval_data else {}
+        result["train_loss"] = last_loss
+        if self.out_dir is not None:
+            self.save_checkpoint()
+        for cb in self.callbacks:
+            if hasattr(cb, "on_train_end"):
+                cb.on_train_end(self)
+        return result
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.config.max_grad_norm is None:
+            return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+        return float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+
+    def _evaluate_and_log(self) -> dict[str, Any]:
+        metrics = self.evaluate()
+        self._log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+        for cb in self.callbacks:
+            if hasattr(cb, "on_evaluate"):
+                cb.on_evaluate(self, self.step, metrics)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, data: list[dict[str, Any]] | None = None) -> dict[str, float]:
+        """classification: accuracy and loss; causal-lm: loss and perplexity (token-weighted)."""
+        data = data if data is not None else self.eval_data
+        if not data:
+            raise ValueError("no evaluation data")
+        was_training = self.model.training
+        self.model.eval()
+        shard = data[self.rank::self.world]
+        loss_total = correct = count = 0.0
+        size = self.config.eval_batch_size
+        for i in range(0, len(shard), size):
+            batch = self._to_device(self.collate(shard[i:i + size]))
+            loss, logits = compute_loss(self.model, batch, self.config.task_kind)
+            if self.config.task_kind == "classification":
+                n = batch["labels"].numel()
+                correct += float((logits.argmax(-1) == batch["labels"]).sum())
+            else:
+                n = float((batch["labels"][:, 1:] != -100).sum())
+            loss_total += float(loss) * n
+            count += n
+        totals = _sum_over_ranks([loss_total, correct, count], self.world)
+        self.model.train(was_training)
+        mean_loss = totals[0] / max(totals[2], 1)
+        if self.config.task_kind == "classification":
+            return {"accuracy": totals[1] / max(totals[2], 1), "loss": mean_loss}
+        return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50))}
+
+    # ---- logs and checkpoints --------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.out_dir is None or self.rank != 0:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(self) -> Path | None:
+        """Write out_dir/checkpoint-<step>/ atomically (temp folder, then rename); keep the newest keep_last."""
+        if self.out_dir is None:
+            raise ValueError("set TrainConfig.out_dir to save checkpoints")
+        final = self.out_dir / f"checkpoint-{self.step}"
+        if self._saved_step == self.step and final.exists():
+            return final
+        self._saved_step = self.step
+        if self.rank != 0:
+            return final
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{self.step}.", dir=self.out_dir))
+        try:
+            trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            save_file(trainable, str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "rng": _rng_state()}, tmp / "state.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {"step": self.step, "epoch": self.epoch, "position": self.position,
+                 "config": asdict(self.config)}, indent=2))
+            if self.on_save is not None:
+                self.on_save(self, tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in self.checkpoints()[:-self.config.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def checkpoints(self) -> list[Path]:
+        if self.out_dir is None or not self.out_dir.is_dir():
+            return []
+        found = [p for p in self.out_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def _resolve_resume(self, resume_from: str | os.PathLike) -> Path:
+        if str(resume_from) == "latest":
+            found = self.checkpoints()
+            if not found:
+                raise FileNotFoundError(f"no checkpoint to resume in {self.out_dir}")
+            return found[-1]
+        return Path(resume_from)
+
+    def load_checkpoint(self, path: Path) -> None:
+        state_file = path / "trainer_state.json"
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint (no trainer_state.json)")
+        meta = json.loads(state_file.read_text())
+        params = dict(self.model.named_parameters())
+        saved = load_file(str(path / "trainable.safetensors"))
+        missing = sorted(n for n, p in params.items() if p.requires_grad and n not in saved)
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks trainable parameters: {missing[:3]}")
+        with torch.no_grad():
+            for name, t in saved.items():
+                params[name].copy_(t)
+        state = torch.load(path / "state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.step, self.epoch, self.position = meta["step"], meta["epoch"], meta["position"]
+        self._saved_step = self.step
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- torchrun --------------------------------------------------------------------------------
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); starts the process group under torchrun (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _wrap_ddp(model: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _mean_over_ranks(value: float, world: int) -> float:
+    return _sum_over_ranks([value], world)[0] / world
+
+
+def _sum_over_ranks(values: list[float], world: int) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def batches(examples: list[dict[str, Any]], size: int, collate_fn: Callable[[list], dict]) -> Iterator[dict]:
+    """Padded batches in order, for calibration or evaluation outside the Trainer."""
+    for i in range(0, len(examples), size):
+        yield collate_fn(examples[i:i + size])

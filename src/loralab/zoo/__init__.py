@@ -1,0 +1,1 @@
+"""Embedded default models and built-in data sets, all offline."""
