@@ -48,6 +48,124 @@ def spec_from_args(args: argparse.Namespace, modules_to_save: list[str] | None =
                        options=_parse_options(args.option))
 
 
+def add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
+    g = p.add_argument_group("data (a built-in task, or your own files)")
+    g.add_argument("--task", help="built-in task: sst2, agnews (classification) or gsm8k (chat)")
+    if train:
+        g.add_argument("--train-file", help=".jsonl/.json/.csv/.tsv training data")
+    g.add_argument("--test-file", help="evaluation data in the same format")
+    g.add_argument("--kind", choices=["classification", "causal-lm"], default="classification",
+                   help="what your files hold")
+    g.add_argument("--text-field", default="text")
+    g.add_argument("--label-field", default="label")
+    g.add_argument("--prompt-field", default="prompt")
+    g.add_argument("--response-field", default="response")
+    if train:
+        g.add_argument("--max-train", type=int, help="use at most this many training rows")
+    g.add_argument("--max-test", type=int, help="use at most this many evaluation rows")
+    g.add_argument("--max-length", type=int, default=128, help="tokens per example")
+
+
+def data_from_args(args: argparse.Namespace):
+    from loralab.train.recipes import DataSpec
+
+    return DataSpec(task=args.task, train_file=getattr(args, "train_file", None), test_file=args.test_file,
+                    kind=args.kind, text_field=args.text_field, label_field=args.label_field,
+                    prompt_field=args.prompt_field, response_field=args.response_field,
+                    max_train=getattr(args, "max_train", None), max_test=args.max_test, max_length=args.max_length)
+
+
+def _print_metrics(label: str, metrics: dict) -> None:
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    print(f"{label}: {shown}")
+
+
+# ---- train ---------------------------------------------------------------------------------
+def train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default="minilm-l6", help="embedded model (minilm-l6, smollm2-135m) or local HF folder")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl and the final adapter/")
+    add_data_args(p, train=True)
+    add_adapter_args(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=300, help="optimiser steps")
+    g.add_argument("--lr", type=float, default=5e-4)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--warmup", type=int, default=20, help="warm-up steps")
+    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--optimizer", default="adamw", help="registered optimiser name")
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train(args: argparse.Namespace) -> int:
+    from loralab.train.recipes import finetune
+    from loralab.train.trainer import TrainConfig
+
+    config = TrainConfig(lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.steps,
+                         warmup_steps=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
+                         optimizer=args.optimizer, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
+                         save_every=args.save_every, seed=args.seed, progress=not args.no_progress)
+    result = finetune(args.base, spec_from_args(args), data_from_args(args), config, args.out, resume=args.resume)
+    print(result["params"])
+    if "before" in result:
+        _print_metrics("before", result["before"])
+    _print_metrics("after", result["after"])
+    print(f"adapter saved in {result['adapter']}")
+    return 0
+
+
+# ---- eval ----------------------------------------------------------------------------------
+def eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default="minilm-l6", help="embedded model or local HF folder")
+    p.add_argument("--adapter", help="adapter folder (omit to score the base model alone)")
+    p.add_argument("--batch-size", type=int, default=64)
+    add_data_args(p, train=False)
+
+
+def evaluate_cmd(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from loralab.checkpoint import load_adapter
+    from loralab.train.data import collate, make_examples
+    from loralab.train.recipes import load_data, load_model_for
+    from loralab.train.trainer import evaluate
+
+    data = data_from_args(args)
+    if not data.task and not data.test_file:
+        raise ValueError("give a built-in task (--task) or evaluation data (--test-file)")
+    if not data.task:
+        data.train_file = data.test_file
+    task = load_data(data)
+    rows = task.test or task.train
+    model, tok = load_model_for(args.base, task)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    examples = make_examples(task.kind, rows, tok, data.max_length)
+    metrics = evaluate(model, examples, task.kind, args.batch_size, partial(collate, pad_token_id=tok.pad_token_id),
+                       progress=True)
+    _print_metrics(f"{task.name} ({len(rows)} examples)", metrics)
+    return 0
+
+
+# ---- demo ----------------------------------------------------------------------------------
+def demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="run folder")
+    p.add_argument("--steps", type=int, default=700)
+
+
+def demo(args: argparse.Namespace) -> int:
+    from loralab.demo import run
+
+    run(args.out, steps=args.steps)
+    return 0
+
+
 # ---- methods -------------------------------------------------------------------------------
 def methods_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -154,6 +272,9 @@ def merge(args: argparse.Namespace) -> int:
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
+    "train": ("fine-tune an adapter on a built-in task or your own data and save it", train_args, train),
+    "eval": ("score a base model, with or without an adapter, on a task", eval_args, evaluate_cmd),
+    "demo": ("the main job: LoRA on the embedded MiniLM with SST-2, before/after, save and reload", demo_args, demo),
     "methods": ("list the adapter methods and initialisers with their papers", methods_args, methods),
     "inspect": ("show an adapter folder's config, parameter count and per-layer norms", inspect_args, inspect),
     "generate": ("generate text with a causal LM, with or without an adapter", generate_args, generate),

@@ -18,7 +18,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -234,33 +234,13 @@ class Trainer:
                 cb.on_evaluate(self, self.step, metrics)
         return metrics
 
-    @torch.no_grad()
     def evaluate(self, data: list[dict[str, Any]] | None = None) -> dict[str, float]:
         """classification: accuracy and loss; causal-lm: loss and perplexity (token-weighted)."""
         data = data if data is not None else self.eval_data
         if not data:
             raise ValueError("no evaluation data")
-        was_training = self.model.training
-        self.model.eval()
-        shard = data[self.rank::self.world]
-        loss_total = correct = count = 0.0
-        size = self.config.eval_batch_size
-        for i in range(0, len(shard), size):
-            batch = self._to_device(self.collate(shard[i:i + size]))
-            loss, logits = compute_loss(self.model, batch, self.config.task_kind)
-            if self.config.task_kind == "classification":
-                n = batch["labels"].numel()
-                correct += float((logits.argmax(-1) == batch["labels"]).sum())
-            else:
-                n = float((batch["labels"][:, 1:] != -100).sum())
-            loss_total += float(loss) * n
-            count += n
-        totals = _sum_over_ranks([loss_total, correct, count], self.world)
-        self.model.train(was_training)
-        mean_loss = totals[0] / max(totals[2], 1)
-        if self.config.task_kind == "classification":
-            return {"accuracy": totals[1] / max(totals[2], 1), "loss": mean_loss}
-        return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50))}
+        return evaluate(self.model, data, self.config.task_kind, self.config.eval_batch_size, self.collate,
+                        self.rank, self.world)
 
     # ---- logs and checkpoints --------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -338,6 +318,38 @@ class Trainer:
         self._saved_step = self.step
 
 
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[dict[str, Any]], kind: str, batch_size: int = 64,
+             collate_fn: Callable[[list], dict] | None = None, rank: int = 0, world: int = 1,
+             progress: bool = False) -> dict[str, float]:
+    """classification: {"accuracy", "loss"}; causal-lm: {"loss", "perplexity"} (token-weighted).
+
+    Under torchrun each process takes every world-th example and the sums are all-reduced.
+    """
+    collate_fn = collate_fn or partial(collate, pad_token_id=0)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    shard = sorted(examples[rank::world], key=lambda e: len(e["input_ids"]))  # less padding
+    loss_total = correct = count = 0.0
+    for i in tqdm(range(0, len(shard), batch_size), desc="eval", disable=not progress, leave=False):
+        batch = {k: v.to(device) for k, v in collate_fn(shard[i:i + batch_size]).items()}
+        loss, logits = compute_loss(model, batch, kind)
+        if kind == "classification":
+            n = batch["labels"].numel()
+            correct += float((logits.argmax(-1) == batch["labels"]).sum())
+        else:
+            n = float((batch["labels"][:, 1:] != -100).sum())
+        loss_total += float(loss) * n
+        count += n
+    loss_total, correct, count = _sum_over_ranks([loss_total, correct, count], world)
+    model.train(was_training)
+    mean_loss = loss_total / max(count, 1)
+    if kind == "classification":
+        return {"accuracy": correct / max(count, 1), "loss": mean_loss}
+    return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50))}
+
+
 def _rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -379,8 +391,3 @@ def _sum_over_ranks(values: list[float], world: int) -> list[float]:
     dist.all_reduce(t)
     return t.tolist()
 
-
-def batches(examples: list[dict[str, Any]], size: int, collate_fn: Callable[[list], dict]) -> Iterator[dict]:
-    """Padded batches in order, for calibration or evaluation outside the Trainer."""
-    for i in range(0, len(examples), size):
-        yield collate_fn(examples[i:i + size])

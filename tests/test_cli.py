@@ -1,0 +1,99 @@
+"""The `loralab` command, run in-process: train → inspect → eval → merge, help, and bad input."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+import loralab as ll
+from loralab.cli import COMMANDS, main
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    assert len(capsys.readouterr().out) > 100
+
+
+def test_methods_lists_papers(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "lora" in out and "arXiv:2106.09685" in out and "arXiv:2402.09353" in out
+    assert main(["methods", "--json"]) == 0
+    names = {m["name"] for m in json.loads(capsys.readouterr().out)["methods"]}
+    assert {"lora", "dora"} <= names
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = main(["train", "--base", "minilm-l6", "--task", "sst2", "--max-train", "64", "--max-test", "48",
+                 "--steps", "4", "--batch-size", "8", "--r", "4", "--targets", "query,value", "--out", str(out),
+                 "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_train_writes_peft_adapter(trained, capsys):
+    cfg = ll.read_config(trained / "adapter")
+    assert cfg["r"] == 4 and sorted(cfg["target_modules"]) == ["query", "value"]
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["classifier"]
+    assert (trained / "log.jsonl").is_file() and (trained / "checkpoint-4" / "adapter").is_dir()
+
+
+def test_inspect_counts_parameters(trained, capsys):
+    assert main(["inspect", str(trained / "adapter"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    lora = 6 * 2 * 4 * (384 + 384)  # 6 layers × (query, value) × r·(in + out)
+    head = 2 * 384 + 2
+    assert summary["params"] == lora + head
+
+
+def test_eval_reproduces_training_metric(trained, capsys):
+    log = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
+    final = [r for r in log if "eval_accuracy" in r][-1]["eval_accuracy"]
+    assert main(["eval", "--base", "minilm-l6", "--adapter", str(trained / "adapter"), "--task", "sst2",
+                 "--max-test", "48"]) == 0
+    out = capsys.readouterr().out
+    assert f"accuracy {final:.4f}" in out
+
+
+def test_merge_exports_a_model_transformers_loads(trained, tmp_path):
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", "minilm-l6", "--adapter", str(trained / "adapter"), "--out", str(out)]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    model, tok = ll.load_base("minilm-l6", task="classification", num_labels=2)
+    ll.load_adapter(model, trained / "adapter")
+    model.eval()
+    enc = tok(["a gripping film", "tedious"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**enc).logits, model(**enc).logits, atol=1e-5, rtol=1e-4)
+    assert main(["merge", "--base", "minilm-l6", "--adapter", str(trained / "adapter"), "--out", str(out)]) == 2
+
+
+def test_missing_field_is_a_clear_error(tmp_path, capsys):
+    data = tmp_path / "d.csv"
+    data.write_text("sentence,label\ngood,1\n")
+    code = main(["train", "--train-file", str(data), "--steps", "1", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "lacks field 'text'; it has: sentence, label" in capsys.readouterr().err
+
+
+def test_unknown_method_is_a_clear_error(tmp_path, capsys):
+    code = main(["train", "--task", "sst2", "--method", "lorra", "--steps", "1", "--out", str(tmp_path)])
+    assert code == 2 and "did you mean: lora" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_matches_offline_greedy(capsys):
+    assert main(["generate", "--base", "smollm2-135m", "--prompt", "What is 3+4?", "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out.strip()
+    model, tok = ll.load_base("smollm2-135m")
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 3+4?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert printed == tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
