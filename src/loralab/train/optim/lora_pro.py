@@ -1,0 +1,44 @@
+"""LoRA-Pro (Wang et al., arXiv 2407.18242): adjust A's and B's gradients so that the update
+they make to W, s·(B·g_A + g_B·A), is the closest low-rank match to the full gradient g.
+
+From LoRA's own gradients (g_A = s·Bᵀg, g_B = s·g·Aᵀ), the optimal choice (with the free
+Sylvester term X = 0) is
+    g_A' = (1/s²) (BᵀB)⁻¹ g_A,
+    g_B' = (1/s²) [I − B(BᵀB)⁻¹Bᵀ] g_B (AAᵀ)⁻¹,
+whose equivalent gradient is P_B g + (I − P_B) g P_A, the projection of g onto the matrices
+LoRA can reach. Inverses are damped (option "damping", default 1e-6) so B = 0 at init is safe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from loralab.train.optim import OPTIMIZERS
+from loralab.train.optim.lowrank import Factors, regularised_inverse, transformed_adamw
+
+
+def lora_pro_grads(a: torch.Tensor, b: torch.Tensor, grad_a: torch.Tensor, grad_b: torch.Tensor, scale: float,
+                   damping: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    btb_inv = regularised_inverse(b.T @ b, damping)
+    aat_inv = regularised_inverse(a @ a.T, damping)
+    new_a = btb_inv @ grad_a / scale**2
+    projected = grad_b - b @ (btb_inv @ (b.T @ grad_b))
+    new_b = projected @ aat_inv / scale**2
+    return new_a, new_b
+
+
+@OPTIMIZERS.register("lora-pro")
+def lora_pro(model: nn.Module, config: Any) -> torch.optim.Optimizer:
+    damping = float(config.optimizer_options.get("damping", 1e-6))
+
+    def adjust(f: Factors, step: int) -> None:
+        if f.a.grad is None or f.b.grad is None:
+            return
+        new_a, new_b = lora_pro_grads(f.a.float(), f.b.float(), f.a.grad.float(), f.b.grad.float(), f.scale, damping)
+        f.a.grad.copy_(new_a)
+        f.b.grad.copy_(new_b)
+
+    return transformed_adamw(model, config, adjust)
