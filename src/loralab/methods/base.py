@@ -67,7 +67,8 @@ class AdapterMethod(nn.Module):
 
     # ---- the maths -------------------------------------------------------------------------
     def drop(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(x) if self.dropout is not None else x
+        """Dropout on the adapter's input (never on an embedding's indices)."""
+        return self.dropout(x) if self.dropout is not None and x.is_floating_point() else x
 
     def delta_weight(self) -> torch.Tensor:
         """The dense ΔW, canonical shape [out, in]."""
@@ -75,7 +76,7 @@ class AdapterMethod(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The change to the layer's output for input x (unmerged)."""
-        return self.layer.apply(self.drop(x), self.delta_weight().to(x.dtype))
+        return self.layer.apply(self.drop(x), self.delta_weight().to(self.layer.weight.dtype))
 
     def forward(self, x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
         """The change to the output; `base` is the base output without bias (if needs_base)."""

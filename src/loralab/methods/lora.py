@@ -37,19 +37,24 @@ class LoRA(AdapterMethod):
     def expected_trainable_params(self) -> int:
         return self.r * (self.layer.in_features + self.layer.out_features)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, scale) as the forward uses them; variants (DyLoRA, SoRA) truncate or gate here."""
+        return self.lora_A, self.lora_B, self.scale
+
     def delta_weight(self) -> torch.Tensor:
-        return self.scale * (self.lora_B @ self.lora_A)
+        a, b, s = self.factors()
+        return s * (b @ a)
 
     def low_rank_out(self, x: torch.Tensor) -> torch.Tensor:
         """s · B A x through the rank-r bottleneck (x already passed through dropout)."""
+        a, b, s = self.factors()
         kind = self.layer.name
         if kind == "embedding":
-            return self.layer.lookup(x, self.lora_A.T) @ self.lora_B.T * self.scale
+            return self.layer.lookup(x, a.T) @ b.T * s
         if kind == "conv":
-            h = self.layer.conv_kernel(x, self.lora_A.view(self.r, *self.layer.weight.shape[1:]))
-            b = self.lora_B.view(*self.lora_B.shape, *([1] * (h.dim() - 2)))
-            return self.layer.conv(h, b) * self.scale
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+            h = self.layer.conv_kernel(x, a.reshape(a.shape[0], *self.layer.weight.shape[1:]))
+            return self.layer.conv(h, b.reshape(*b.shape, *([1] * (h.dim() - 2)))) * s
+        return F.linear(F.linear(x, a), b) * s
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         # embeddings take indices: no dropout on them
@@ -58,8 +63,9 @@ class LoRA(AdapterMethod):
     def add_to(self, out: torch.Tensor, x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
         if self.layer.name in ("embedding", "conv"):
             return out + self.delta(x)
-        h = F.linear(self.drop(x), self.lora_A)
-        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), self.lora_B.T, alpha=self.scale)
+        a, b, s = self.factors()
+        h = F.linear(self.drop(x), a)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, a.shape[0]), b.T, alpha=s)
         return flat.view(out.shape)
 
     # PEFT names: lora_A.weight / lora_B.weight (conv: kernel shapes), lora_embedding_A / _B.

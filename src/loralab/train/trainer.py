@@ -46,6 +46,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # e.g. LoRA+'s ratio
+    rank_schedule: str | None = None  # e.g. "adalora", "dylora", "sora", "increlora"
+    rank_options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 16  # examples per optimiser step and micro-step, over all processes
     grad_accum: int = 1
     max_steps: int = 100  # optimiser steps
@@ -122,6 +124,10 @@ class Trainer:
         self.eval_data = list(eval_data) if eval_data else None
         self.collate = collate_fn or partial(collate, pad_token_id=pad_token_id)
         self.callbacks = list(callbacks)
+        if self.config.rank_schedule:
+            from loralab.train.rank import get_rank_schedule
+
+            self.callbacks.append(get_rank_schedule(self.config.rank_schedule)(model, self.config))
         self.on_save = on_save
         self.rank, self.world = _distributed()
         if self.config.batch_size % self.world:
@@ -160,6 +166,11 @@ class Trainer:
         return {k: v.to(device) for k, v in batch.items()}
 
     # ---- the loop --------------------------------------------------------------------------
+    def notify(self, event: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            if hasattr(cb, event):
+                getattr(cb, event)(self, *args)
+
     def train(self, resume_from: str | os.PathLike | None = None) -> dict[str, Any]:
         """Run to max_steps; returns the final evaluation (and the last training loss)."""
         if resume_from is not None:
@@ -171,6 +182,7 @@ class Trainer:
         self.model.train()
         try:
             while self.step < cfg.max_steps:
+                self.notify("on_step_begin", self.step)
                 loss_sum = 0.0
                 for micro in range(cfg.grad_accum):
                     batch = self._next_batch()
@@ -181,6 +193,7 @@ class Trainer:
                     loss_sum += loss.item() / cfg.grad_accum
                     seen_examples += batch["input_ids"].shape[0] * self.world
                     seen_tokens += int(batch["attention_mask"].sum()) * self.world if "attention_mask" in batch else 0
+                self.notify("on_before_step")
                 grad_norm = self._clip()
                 self.optimizer.step()
                 self.scheduler.step()
@@ -195,9 +208,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}", ex_s=f"{logs['examples_per_s']:.1f}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     self._log(logs)
-                for cb in self.callbacks:
-                    if hasattr(cb, "on_step_end"):
-                        cb.on_step_end(self, self.step, logs)
+                self.notify("on_step_end", self.step, logs)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                     self._evaluate_and_log()
                 if cfg.save_every and self.step % cfg.save_every == 0:
@@ -215,9 +226,7 @@ class Trainer:
         result["train_loss"] = last_loss
         if self.out_dir is not None:
             self.save_checkpoint()
-        for cb in self.callbacks:
-            if hasattr(cb, "on_train_end"):
-                cb.on_train_end(self)
+        self.notify("on_train_end")
         return result
 
     def _clip(self) -> float:
@@ -229,9 +238,7 @@ class Trainer:
     def _evaluate_and_log(self) -> dict[str, Any]:
         metrics = self.evaluate()
         self._log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
-        for cb in self.callbacks:
-            if hasattr(cb, "on_evaluate"):
-                cb.on_evaluate(self, self.step, metrics)
+        self.notify("on_evaluate", self.step, metrics)
         return metrics
 
     def evaluate(self, data: list[dict[str, Any]] | None = None) -> dict[str, float]:
