@@ -94,7 +94,10 @@ def train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=20, help="warm-up steps")
     g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
     g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--optimizer", default="adamw", help="registered optimiser name")
+    g.add_argument("--optimizer", default="adamw", help="adamw, lora+, lora-fa, lora-pro, altlora, riemannian")
+    g.add_argument("--optimizer-option", action="append", metavar="KEY=VALUE", help="e.g. ratio=16 for lora+")
+    g.add_argument("--rank-schedule", help="adalora, increlora, dylora, sora or lora-squeeze (trainer callback)")
+    g.add_argument("--rank-option", action="append", metavar="KEY=VALUE", help="e.g. target_rank=4 for adalora")
     g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
@@ -109,7 +112,9 @@ def train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.steps,
                          warmup_steps=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
-                         optimizer=args.optimizer, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
+                         optimizer=args.optimizer, optimizer_options=_parse_options(args.optimizer_option),
+                         rank_schedule=args.rank_schedule, rank_options=_parse_options(args.rank_option),
+                         max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
                          save_every=args.save_every, seed=args.seed, progress=not args.no_progress)
     result = finetune(args.base, spec_from_args(args), data_from_args(args), config, args.out, resume=args.resume)
     print(result["params"])
@@ -270,6 +275,21 @@ def merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- squeeze -------------------------------------------------------------------------------
+def squeeze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="LoRA or DoRA adapter folder")
+    p.add_argument("--rank", type=int, required=True, help="the new, smaller rank")
+    p.add_argument("--out", required=True, help="folder for the squeezed adapter")
+
+
+def squeeze(args: argparse.Namespace) -> int:
+    from loralab.train.rank.lora_squeeze import squeeze_adapter
+
+    out = squeeze_adapter(args.adapter, args.rank, args.out)
+    print(f"rank-{args.rank} adapter (best rank-{args.rank} approximation of each ΔW) written to {out}")
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
     "train": ("fine-tune an adapter on a built-in task or your own data and save it", train_args, train),
@@ -278,6 +298,8 @@ COMMANDS: dict[str, Command] = {
     "methods": ("list the adapter methods and initialisers with their papers", methods_args, methods),
     "inspect": ("show an adapter folder's config, parameter count and per-layer norms", inspect_args, inspect),
     "generate": ("generate text with a causal LM, with or without an adapter", generate_args, generate),
+    "squeeze": ("compress a trained LoRA adapter to a smaller rank (LoRA-Squeeze, SVD of ΔW)", squeeze_args,
+                squeeze),
     "merge": ("fold an adapter into its base model and write a plain transformers model folder", merge_args, merge),
 }
 

@@ -18,6 +18,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -133,10 +134,9 @@ class Trainer:
         if self.config.batch_size % self.world:
             raise ValueError(f"batch_size {self.config.batch_size} must divide by the {self.world} processes")
         self.engine = _wrap_ddp(model) if self.world > 1 else model
-        factory = optimizer_factory or get_optimizer(self.config.optimizer)
-        self.optimizer = factory(model, self.config)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, config=self.config))
+        self.optimizer_factory = optimizer_factory or get_optimizer(self.config.optimizer)
         self.step = 0
+        self.rebuild_optimizer()
         self.epoch = 0
         self.position = 0
         self.history: list[dict[str, Any]] = []
@@ -166,6 +166,16 @@ class Trainer:
         return {k: v.to(device) for k, v in batch.items()}
 
     # ---- the loop --------------------------------------------------------------------------
+    def rebuild_optimizer(self) -> None:
+        """A fresh optimiser over the current trainable parameters, its schedule at the current step
+        (after a rank schedule replaced parameters, e.g. LoRA-Squeeze)."""
+        self.optimizer = self.optimizer_factory(self.model, self.config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, config=self.config))
+        with warnings.catch_warnings():  # stepping the schedule forward before any optimiser step is intended
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(self.step):
+                self.scheduler.step()
+
     def notify(self, event: str, *args: Any) -> None:
         for cb in self.callbacks:
             if hasattr(cb, event):
