@@ -33,6 +33,8 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", default="gaussian", help="initialiser (see `loralab methods`), default gaussian")
     g.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rsLoRA)")
     g.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method option; repeatable")
+    g.add_argument("--calibration-batches", type=int, default=8,
+                   help="training batches that data-driven inits (lora-ga, eva, corda) look at")
 
 
 def spec_from_args(args: argparse.Namespace, modules_to_save: list[str] | None = None):
@@ -116,7 +118,8 @@ def train(args: argparse.Namespace) -> int:
                          rank_schedule=args.rank_schedule, rank_options=_parse_options(args.rank_option),
                          max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
                          save_every=args.save_every, seed=args.seed, progress=not args.no_progress)
-    result = finetune(args.base, spec_from_args(args), data_from_args(args), config, args.out, resume=args.resume)
+    result = finetune(args.base, spec_from_args(args), data_from_args(args), config, args.out, resume=args.resume,
+                      calibration_batches=args.calibration_batches)
     print(result["params"])
     if "before" in result:
         _print_metrics("before", result["before"])

@@ -81,12 +81,14 @@ def add_adapter(
     calibration: Iterable[Any] | None = None,
     calibration_batches: int = 8,
     activate: bool = True,
+    loss_fn: Any = None,
 ) -> nn.Module:
     """Attach a new adapter in place and return the model; the base weights are frozen.
 
     With `activate` (the default) the new adapter becomes the active one and trains.
 
-    `calibration` (batches of model inputs) feeds data-driven initialisers such as LoRA-GA or EVA.
+    `calibration` (batches of model inputs, dicts) feeds data-driven initialisers such as LoRA-GA or EVA;
+    `loss_fn(model, batch)` gives LoRA-GA its loss (default: `model(**batch).loss`).
     """
     spec = spec or AdapterSpec()
     state = state_of(model)
@@ -122,7 +124,7 @@ def add_adapter(
             _set_module(model, path, current)
         current.add(name, method)
     state.specs[name] = spec
-    init(model, new, InitContext(calibration, calibration_batches))
+    init(model, new, InitContext(calibration, calibration_batches, loss_fn))
     set_active(model, name if activate else state.active)
     return model
 

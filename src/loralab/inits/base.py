@@ -23,6 +23,7 @@ from loralab.registry import Registry
 class InitContext:
     calibration: Iterable[Any] | None = None  # batches (dicts of tensors) for data-driven inits
     budget: int = 8  # how many calibration batches to use
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None  # default: model(**batch).loss
 
 
 InitFn = Callable[[nn.Module, list[tuple[str, AdapterMethod]], InitContext], None]

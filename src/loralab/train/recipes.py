@@ -11,10 +11,11 @@ from typing import Any
 from torch import nn
 
 from loralab.checkpoint import save_adapter
+from loralab.inits.base import INITS
 from loralab.model import add_adapter, trainable_parameters
 from loralab.spec import AdapterSpec
 from loralab.train.data import collate, make_examples
-from loralab.train.trainer import TrainConfig, Trainer, evaluate
+from loralab.train.trainer import TrainConfig, Trainer, compute_loss, evaluate
 from loralab.zoo.datasets import Task, classification_rows, instruction_rows, load_task
 
 HEADS = ("classifier", "score")
@@ -77,8 +78,12 @@ def score(model: nn.Module, tokenizer, task: Task, examples: list[dict[str, Any]
                     progress=True)
 
 
+def _loss(model: nn.Module, batch: dict, kind: str):
+    return compute_loss(model, batch, kind)[0]
+
+
 def finetune(base: str, spec: AdapterSpec, data: DataSpec, config: TrainConfig, out_dir: str | os.PathLike,
-             resume: bool = False, evaluate_before: bool = True) -> dict[str, Any]:
+             resume: bool = False, evaluate_before: bool = True, calibration_batches: int = 8) -> dict[str, Any]:
     """Train an adapter and save it in out_dir/adapter; returns metrics before and after."""
     task = load_data(data)
     model, tokenizer = load_model_for(base, task)
@@ -88,7 +93,14 @@ def finetune(base: str, spec: AdapterSpec, data: DataSpec, config: TrainConfig, 
     config.task_kind = task.kind
     config.out_dir = str(out_dir)
     result: dict[str, Any] = {"task": task.name, "metric": task.metric}
-    add_adapter(model, spec)  # first, so a bad spec fails before any work; at init the output is the base's
+    calibration, loss_fn = None, None
+    if INITS.get(spec.init).needs_data:
+        pad = partial(collate, pad_token_id=tokenizer.pad_token_id)
+        size = config.batch_size
+        calibration = [pad(train[i:i + size]) for i in range(0, min(len(train), size * calibration_batches), size)]
+        loss_fn = partial(_loss, kind=task.kind)
+    # first, so a bad spec fails before any work; at init the output is the base's
+    add_adapter(model, spec, calibration=calibration, calibration_batches=calibration_batches, loss_fn=loss_fn)
     result["params"] = trainable_parameters(model)
     if test and evaluate_before:
         result["before"] = score(model, tokenizer, task, test, config.eval_batch_size)
