@@ -115,7 +115,8 @@ def check_param_count(spec: ll.AdapterSpec, formula: Callable[[int, int], int], 
         w = base_matrix(net)
         want = formula(w.shape[1], w.shape[0])
         assert ll.trainable_parameters(net).trainable == want, kind
-        assert method.expected_trainable_params() == want, kind
+        shared = type(method).expected_shared_params(spec, [method.layer])
+        assert method.expected_trainable_params() + shared == want, kind
 
 
 def check_save_load(spec: ll.AdapterSpec, tmp_path, kinds=KINDS) -> None:

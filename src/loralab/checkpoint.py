@@ -30,6 +30,7 @@ from loralab.targets import candidate_modules, matches
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+SHARED = "loralab_shared."
 FORMAT_VERSION = 1
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
@@ -109,6 +110,8 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     for path, method in methods_of(model, name):
         for key, t in _saved_for_original_base(method).items():
             out[f"{PREFIX}{path}.{key}"] = t
+        if method.shared is not None:
+            out.update({f"{PREFIX}{SHARED}{k}": t for k, t in method.shared.state_dict().items()})
     for path, module in wrappers(model):
         if isinstance(module, SavedModule) and name in module.copies:
             for key, t in module.copies[name].state_dict().items():
@@ -234,6 +237,16 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], spec: A
         mine = under(path)
         method.from_saved(mine, where=path)
         used.update(f"{path}.{k}" for k in method.to_saved())
+        if method.shared is not None and SHARED + "*" not in used:
+            target = method.shared.state_dict()
+            saved = under(SHARED.rstrip("."))
+            for key, t in target.items():
+                if key not in saved:
+                    raise ValueError(f"adapter file lacks {SHARED}{key} (the adapter's shared parameters)")
+                check_shape(SHARED + key, saved[key].shape, t.shape)
+                with torch.no_grad():
+                    t.copy_(saved[key])
+            used.update({SHARED + "*"} | {SHARED + k for k in target})
     for path, module in wrappers(model):
         if isinstance(module, SavedModule) and name in module.copies:
             target = module.copies[name].state_dict()
@@ -251,7 +264,7 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], spec: A
         if key not in params:
             raise ValueError(f"adapter file holds bias {key}, which the model does not have")
         check_shape(key, t.shape, params[key].shape)
-    unexpected = sorted(set(tensors) - used - set(biases))
+    unexpected = sorted(set(tensors) - used - set(biases) - {SHARED + "*"})
     if unexpected:
         raise ValueError(f"adapter file holds tensors the model has no place for: {', '.join(unexpected[:5])}"
                          + (" …" if len(unexpected) > 5 else ""))

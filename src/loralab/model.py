@@ -100,12 +100,15 @@ def add_adapter(
     init = INITS.get(spec.init)
 
     paths = resolve_targets(model, spec.targets, spec.exclude, skip=spec.modules_to_save)
-    new: list[tuple[str, AdapterMethod]] = []
+    kinds = []
     for path in paths:
         current = model.get_submodule(path)
-        kind = current.kind if isinstance(current, AdaptedLayer) else kind_of(current)
+        kinds.append(current.kind if isinstance(current, AdaptedLayer) else kind_of(current))
+    shared = method_cls.make_shared(spec, kinds)
+    new: list[tuple[str, AdapterMethod]] = []
+    for path, kind in zip(paths, kinds):
         try:
-            new.append((path, method_cls(kind, spec)))
+            new.append((path, method_cls(kind, spec, shared=shared)))
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
     for path in _resolve_saved(model, spec.modules_to_save):

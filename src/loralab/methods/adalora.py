@@ -23,8 +23,8 @@ class AdaLoRA(AdapterMethod):
     param_formula = "r·(in + out) + r"
     option_defaults = {"init_rank": None}  # triplets active at the start (default: all r)
 
-    def __init__(self, layer: LayerKind, spec: AdapterSpec) -> None:
-        super().__init__(layer, spec)
+    def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
+        super().__init__(layer, spec, shared)
         w = layer.weight
         kw = {"dtype": w.dtype, "device": w.device}
         self.lora_P = nn.Parameter(torch.randn(layer.out_features, spec.r, **kw) * 0.02)

@@ -38,9 +38,10 @@ class AdapterMethod(nn.Module):
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "hf-conv1d", "conv", "embedding")
     option_defaults: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, layer: LayerKind, spec: AdapterSpec) -> None:
+    def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "layer", layer)  # a view of the base layer, not a submodule
+        self.shared = shared  # one module for the whole adapter (make_shared), the same object in every layer
         unknown = sorted(set(spec.options) - set(self.option_defaults))
         if unknown:
             allowed = ", ".join(sorted(self.option_defaults)) or "none"
@@ -60,6 +61,14 @@ class AdapterMethod(nn.Module):
                 f"[{layer.out_features}, {layer.in_features}] (at most {limit})"
             )
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
+
+    @classmethod
+    def make_shared(cls, spec: AdapterSpec, layers: list[LayerKind]) -> nn.Module | None:
+        """Parameters shared by every layer of one adapter (Tied-LoRA, Uni-LoRA, MoS, VB-LoRA, …).
+
+        Built once per adapter from all its layers' shapes; each method instance gets it as
+        `self.shared`. Saved once, under `loralab_shared.` in the adapter file."""
+        return None
 
     @classmethod
     def max_rank(cls, layer: LayerKind) -> int:
@@ -96,8 +105,13 @@ class AdapterMethod(nn.Module):
 
     # ---- bookkeeping -----------------------------------------------------------------------
     def expected_trainable_params(self) -> int:
-        """The trainable-parameter count from the paper's formula, for this layer."""
+        """The trainable-parameter count from the paper's formula, for this layer (without shared ones)."""
         raise NotImplementedError
+
+    @classmethod
+    def expected_shared_params(cls, spec: AdapterSpec, layers: list[LayerKind]) -> int:
+        """The paper's count for the parameters shared across layers (0 if none)."""
+        return 0
 
     def to_saved(self) -> dict[str, torch.Tensor]:
         """Tensors to save, keyed by their name under the module's path in the adapter file."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from loralab.layer_kinds import LayerKind
 from loralab.methods.base import METHODS, AdapterMethod
@@ -28,8 +29,8 @@ class DoRA(LoRA):
     needs_base = True
     layer_kinds = ("linear", "hf-conv1d", "conv")
 
-    def __init__(self, layer: LayerKind, spec: AdapterSpec) -> None:
-        super().__init__(layer, spec)
+    def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
+        super().__init__(layer, spec, shared)
         self._w_sq: tuple[tuple[int, int], torch.Tensor] | None = None
         with torch.no_grad():
             self.magnitude = torch.nn.Parameter(self._weight_sq_norms().sqrt().clone())

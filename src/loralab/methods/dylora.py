@@ -9,6 +9,7 @@ b works; pick one for inference with `loralab.train.rank.dylora.set_rank(model, 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from loralab.layer_kinds import LayerKind
 from loralab.methods.base import METHODS
@@ -24,8 +25,8 @@ class DyLoRA(LoRA):
     param_formula = "r·(in + out)"
     peft_type = None
 
-    def __init__(self, layer: LayerKind, spec: AdapterSpec) -> None:
-        super().__init__(layer, spec)
+    def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
+        super().__init__(layer, spec, shared)
         self.alpha = spec.alpha
         self.active_rank = spec.r
 

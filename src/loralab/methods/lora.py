@@ -27,8 +27,8 @@ class LoRA(AdapterMethod):
     param_formula = "r·(in + out)"
     peft_type = "LORA"
 
-    def __init__(self, layer: LayerKind, spec: AdapterSpec) -> None:
-        super().__init__(layer, spec)
+    def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
+        super().__init__(layer, spec, shared)
         w = layer.weight
         self.lora_A = nn.Parameter(torch.empty(spec.r, layer.in_features, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(layer.out_features, spec.r, dtype=w.dtype, device=w.device))

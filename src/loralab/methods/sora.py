@@ -24,8 +24,8 @@ class SoRA(LoRA):
     param_formula = "r·(in + out) + r"
     peft_type = None
 
-    def __init__(self, layer: LayerKind, spec: AdapterSpec) -> None:
-        super().__init__(layer, spec)
+    def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
+        super().__init__(layer, spec, shared)
         self.lora_gate = nn.Parameter(torch.ones(spec.r, dtype=layer.weight.dtype, device=layer.weight.device))
 
     def expected_trainable_params(self) -> int:
