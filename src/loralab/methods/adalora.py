@@ -54,9 +54,5 @@ class AdaLoRA(AdapterMethod):
         p, q = self.lora_P.detach(), self.lora_Q.detach()
         return 4 * p @ (p.T @ p - eye), 4 * (q @ q.T - eye) @ q
 
-    def to_saved(self) -> dict[str, torch.Tensor]:
-        return {"lora_P": self.lora_P.detach(), "lora_E": self.lora_E.detach(), "lora_Q": self.lora_Q.detach(),
-                "rank_mask": self.rank_mask}
-
     def active_rank(self) -> int:
         return int(self.rank_mask.sum())

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
@@ -87,6 +88,12 @@ class AdapterMethod(nn.Module):
         """The change to the layer's output for input x (unmerged)."""
         return self.layer.apply(self.drop(x), self.delta_weight().to(self.layer.weight.dtype))
 
+    def through(self, x: torch.Tensor, right: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+        """(left @ right) applied to x without forming the product on linear layers: ΔW = left·right."""
+        if self.layer.name in ("linear", "hf-conv1d"):
+            return F.linear(F.linear(self.drop(x), right), left)
+        return self.layer.apply(self.drop(x), (left @ right).to(self.layer.weight.dtype))
+
     def forward(self, x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
         """The change to the output; `base` is the base output without bias (if needs_base)."""
         return self.delta(x)
@@ -114,8 +121,11 @@ class AdapterMethod(nn.Module):
         return 0
 
     def to_saved(self) -> dict[str, torch.Tensor]:
-        """Tensors to save, keyed by their name under the module's path in the adapter file."""
-        return {name: p.detach() for name, p in self.named_parameters() if "." not in name}
+        """Tensors to save, keyed by their name under the module's path in the adapter file:
+        by default the method's own parameters and buffers (frozen bases are saved, so a reload
+        never depends on an RNG or an SVD being recomputed identically)."""
+        own = [*self.named_parameters(), *self.named_buffers()]
+        return {name: t.detach() for name, t in own if "." not in name}
 
     def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Load what `to_saved` wrote; `where` names the module in error messages."""
