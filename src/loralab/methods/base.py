@@ -124,8 +124,8 @@ class AdapterMethod(nn.Module):
         """Tensors to save, keyed by their name under the module's path in the adapter file:
         by default the method's own parameters and buffers (frozen bases are saved, so a reload
         never depends on an RNG or an SVD being recomputed identically)."""
-        own = [*self.named_parameters(), *self.named_buffers()]
-        return {name: t.detach() for name, t in own if "." not in name}
+        buffers = [(n, b) for n, b in self.named_buffers() if n not in self._non_persistent_buffers_set]
+        return {name: t.detach() for name, t in [*self.named_parameters(), *buffers] if "." not in name}
 
     def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Load what `to_saved` wrote; `where` names the module in error messages."""
