@@ -11,8 +11,6 @@ import statistics
 import time
 from collections.abc import Callable
 
-import torch
-
 
 def time_once(fn: Callable[[], object], repeats: int) -> float:
     """Mean seconds of `repeats` calls (after the caller's warm-up)."""
@@ -39,21 +37,6 @@ def interleaved(contenders: dict[str, Callable[[], object]], anchor: str, rounds
         ratios = [t / a for t, a in zip(times[n], times[anchor])]
         out[n] = {"ratio": statistics.median(ratios), "seconds": statistics.median(times[n])}
     return out
-
-
-def saved_tensor_megabytes(fn: Callable[[], torch.Tensor]) -> float:
-    """MB of distinct tensors autograd keeps for backward while `fn()` runs its forward."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values()) / 2**20
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -11,11 +11,12 @@ import argparse
 import copy
 
 import torch
-from common import interleaved, markdown_table, saved_tensor_megabytes
+from common import interleaved, markdown_table
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import loralab as ll
+from loralab.profiling import saved_tensor_megabytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

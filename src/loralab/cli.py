@@ -293,11 +293,37 @@ def squeeze(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- compare -------------------------------------------------------------------------------
+def compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default="minilm-l6", help="embedded model or local HF folder")
+    p.add_argument("--task", default="sst2", help="built-in classification task")
+    p.add_argument("--methods", required=True, help="comma-separated method names")
+    p.add_argument("--budget", type=int, default=100, help="training steps per run")
+    p.add_argument("--lr-grid", type=int, default=3, choices=[1, 3, 5], help="learning rates per method")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-train", type=int, default=3000)
+    p.add_argument("--max-test", type=int)
+    p.add_argument("--out", required=True, help="folder for results.csv, results.md, results.png")
+
+
+def compare_cmd(args: argparse.Namespace) -> int:
+    from loralab.train.compare import compare, markdown
+
+    rows = compare(args.base, args.task, [m.strip() for m in args.methods.split(",") if m.strip()], args.out,
+                   budget=args.budget, lr_grid=args.lr_grid, r=args.r, batch_size=args.batch_size,
+                   max_train=args.max_train, max_test=args.max_test)
+    print(markdown(rows, f"{args.task} accuracy"))
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
     "train": ("fine-tune an adapter on a built-in task or your own data and save it", train_args, train),
     "eval": ("score a base model, with or without an adapter, on a task", eval_args, evaluate_cmd),
     "demo": ("the main job: LoRA on the embedded MiniLM with SST-2, before/after, save and reload", demo_args, demo),
+    "compare": ("train several methods on the same task with a small lr sweep each and tabulate them",
+                compare_args, compare_cmd),
     "methods": ("list the adapter methods and initialisers with their papers", methods_args, methods),
     "inspect": ("show an adapter folder's config, parameter count and per-layer norms", inspect_args, inspect),
     "generate": ("generate text with a causal LM, with or without an adapter", generate_args, generate),

@@ -20,6 +20,7 @@ class AdaLoRA(AdapterMethod):
     name = "adalora"
     summary = "SVD-form update P·diag(λ)·Q whose rank a schedule prunes or grows by importance"
     paper = "2303.10512"
+    rank_schedule = "adalora"
     param_formula = "r·(in + out) + r"
     option_defaults = {"init_rank": None}  # triplets active at the start (default: all r)
 

@@ -36,6 +36,8 @@ class AdapterMethod(nn.Module):
     peft_type: ClassVar[str | None] = None  # set where HF PEFT reads this method's files
     additive: ClassVar[bool] = True
     needs_base: ClassVar[bool] = False  # forward() reads the base output
+    suggested_lr: ClassVar[float] = 1e-3  # centre of `loralab compare`'s learning-rate sweep
+    rank_schedule: ClassVar[str | None] = None  # the trainer callback the method is meant to train with
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "hf-conv1d", "conv", "embedding")
     option_defaults: ClassVar[dict[str, Any]] = {}
 

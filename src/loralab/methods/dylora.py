@@ -22,6 +22,7 @@ class DyLoRA(LoRA):
     name = "dylora"
     summary = "LoRA with ordered components: trained on random truncations, any rank b ≤ r usable"
     paper = "2210.07558"
+    rank_schedule = "dylora"
     param_formula = "r·(in + out)"
     peft_type = None
 

@@ -22,6 +22,7 @@ class LoLDU(AdapterMethod):
     name = "loldu"
     summary = "Frozen LDU bases of W; train the r diagonal values and one scale"
     paper = "2410.13618"
+    suggested_lr = 0.01
     param_formula = "r + 1"
 
     def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:

@@ -24,6 +24,7 @@ class LoRASB(AdapterMethod):
     name = "lora-sb"
     summary = "Train only the r×r core R between frozen orthonormal B and A"
     paper = "2411.19557"
+    suggested_lr = 0.005
     param_formula = "r²"
 
     def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:

@@ -20,6 +20,7 @@ class LoRAXS(AdapterMethod):
     name = "lora-xs"
     summary = "Frozen SVD factors of W with one trained r×r matrix between them"
     paper = "2405.17604"
+    suggested_lr = 0.005
     param_formula = "r²"
     option_defaults = {"init_std": 1e-5}
 

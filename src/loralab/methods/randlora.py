@@ -24,6 +24,7 @@ class RandLoRA(AdapterMethod):
     name = "randlora"
     summary = "Full-rank update from n frozen random rank-r bases with trained diagonal scalings"
     paper = "2502.00987"
+    suggested_lr = 0.003
     param_formula = "n·(r + in), n = ⌈min(in, out)/r⌉"
     option_defaults = {"num_bases": None, "seed": 0}
 

@@ -21,6 +21,7 @@ class SoRA(LoRA):
     name = "sora"
     summary = "LoRA with a gate vector between B and A, sparsified by a proximal (L1) step"
     paper = "2311.11696"
+    rank_schedule = "sora"
     param_formula = "r·(in + out) + r"
     peft_type = None
 

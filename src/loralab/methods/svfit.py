@@ -20,6 +20,7 @@ class SVFit(AdapterMethod):
     name = "svfit"
     summary = "Train shifts of W's top-r singular values, singular vectors frozen"
     paper = "2409.05926"
+    suggested_lr = 0.01
     param_formula = "r"
 
     def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:

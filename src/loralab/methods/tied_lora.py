@@ -26,6 +26,7 @@ class TiedLoRA(AdapterMethod):
     name = "tied-lora"
     summary = "A and B tied across layers (per shape), per-layer scaling vectors u and v"
     paper = "2311.09578"
+    suggested_lr = 0.003
     param_formula = "out + r per layer, plus r·(in + out) once per distinct layer shape"
     layer_kinds = ("linear", "hf-conv1d")
 

@@ -1,0 +1,130 @@
+"""`loralab compare`: the fair comparison of "A Unified Study of LoRA Variants" — every method gets
+the same data, the same number of steps and the same evaluation, and a small learning-rate
+sweep of its own (the learning rate is the most sensitive knob).
+
+The sweep is centred on each method's `suggested_lr`; the best learning rate is chosen on a
+dev split held out from the training rows, and the table reports the test metric at that
+rate, the trainable parameters, the median step time and the activation memory a training
+step keeps for backward. Results go to results.csv, results.md and results.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from loralab.methods.base import METHODS
+from loralab.model import add_adapter, trainable_parameters
+from loralab.profiling import saved_tensor_megabytes
+from loralab.spec import AdapterSpec
+from loralab.train.data import collate, make_examples
+from loralab.train.recipes import DataSpec, load_data, load_model_for, with_head
+from loralab.train.trainer import TrainConfig, Trainer, compute_loss, evaluate
+
+GRIDS = {1: [1.0], 3: [0.3, 1.0, 3.0], 5: [0.1, 0.3, 1.0, 3.0, 10.0]}
+
+
+@dataclass
+class Row:
+    method: str
+    best_lr: float
+    dev_metric: float
+    test_metric: float
+    trainable_params: int
+    step_ms: float
+    activation_mb: float
+
+
+def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int = 100, lr_grid: int = 3,
+            r: int = 8, batch_size: int = 16, max_train: int = 3000, dev_size: int = 300, max_test: int | None = None,
+            seed: int = 0, progress: bool = True) -> list[Row]:
+    if lr_grid not in GRIDS:
+        raise ValueError(f"lr_grid must be one of {sorted(GRIDS)}, got {lr_grid}")
+    for m in methods:
+        METHODS.get(m)  # unknown names fail before any training
+    data = load_data(DataSpec(task=task, max_train=max_train + dev_size, max_test=max_test))
+    if data.kind != "classification":
+        raise ValueError("compare reports accuracy: choose a classification task (sst2, agnews)")
+    base_model, tok = load_model_for(base, data)
+    train = make_examples(data.kind, data.train[:max_train], tok, 128)
+    dev = make_examples(data.kind, data.train[max_train:], tok, 128)
+    test = make_examples(data.kind, data.test, tok, 128)
+    pad = partial(collate, pad_token_id=tok.pad_token_id)
+    rows = []
+    for method in methods:
+        centre = METHODS.get(method).suggested_lr
+        runs = []
+        for factor in GRIDS[lr_grid]:
+            model = copy.deepcopy(base_model)
+            torch.manual_seed(seed)
+            spec = with_head(AdapterSpec(method=method, r=r, alpha=2 * r, targets="all-linear"), model, data)
+            add_adapter(model, spec)
+            config = TrainConfig(lr=centre * factor, batch_size=batch_size, max_steps=budget,
+                                 warmup_steps=budget // 10, seed=seed, progress=progress, log_every=budget,
+                                 rank_schedule=METHODS.get(method).rank_schedule)
+            trainer = Trainer(model, train, None, config, pad_token_id=tok.pad_token_id)
+            trainer.train()
+            score = evaluate(model, dev, data.kind, 128, pad)["accuracy"]
+            runs.append((score, centre * factor, model, trainer))
+        score, lr, model, trainer = max(runs, key=lambda run: run[0])
+        batch = pad(train[:batch_size])
+        model.train()
+        memory = saved_tensor_megabytes(lambda m=model, b=batch: compute_loss(m, b, data.kind)[0])
+        step_ms = 1000 * trainer.history[-1]["elapsed_s"] / budget
+        rows.append(Row(method, lr, score, evaluate(model, test, data.kind, 128, pad)["accuracy"],
+                        trainable_parameters(model).trainable, step_ms, memory))
+        if progress:
+            print(f"{method}: test accuracy {rows[-1].test_metric:.4f} at lr {lr:g}")
+    write_results(rows, Path(out_dir), f"{task} accuracy")
+    return rows
+
+
+def markdown(rows: list[Row], metric: str) -> str:
+    head = f"| method | {metric} (test) | dev | best lr | trainable params | step (ms) | activations (MB) |\n"
+    head += "|---|---|---|---|---|---|---|\n"
+    body = "".join(f"| {r.method} | {r.test_metric:.4f} | {r.dev_metric:.4f} | {r.best_lr:g} | {r.trainable_params:,} "
+                   f"| {r.step_ms:.0f} | {r.activation_mb:.0f} |\n" for r in sorted(rows, key=lambda r: -r.test_metric))
+    return head + body
+
+
+def write_results(rows: list[Row], out: Path, metric: str) -> None:
+    from loralab.checkpoint import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+            writer.writeheader()
+            writer.writerows(asdict(r) for r in rows)
+
+    atomic_write(out / "results.csv", write_csv)
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown(rows, metric)))
+    plot(rows, out / "results.png", metric)
+
+
+def plot(rows: list[Row], path: Path, metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        ax.scatter(r.trainable_params, r.test_metric, s=40)
+        ax.annotate(r.method, (r.trainable_params, r.test_metric), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale, classifier head included)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs. trainable parameters (best lr of each method's sweep)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
