@@ -164,7 +164,7 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
 # ---- demo ----------------------------------------------------------------------------------
 def demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run folder")
-    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--steps", type=int, default=450)
 
 
 def demo(args: argparse.Namespace) -> int:

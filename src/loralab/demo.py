@@ -37,7 +37,7 @@ def reload_accuracy(adapter: Path, use_peft: bool) -> float | None:
     return evaluate(model, test, task.kind, 128, partial(collate, pad_token_id=tok.pad_token_id))["accuracy"]
 
 
-def run(out_dir: str = "runs/demo", steps: int = 700, batch_size: int = 32, lr: float = 1e-3, r: int = 8) -> dict:
+def run(out_dir: str = "runs/demo", steps: int = 450, batch_size: int = 32, lr: float = 1e-3, r: int = 8) -> dict:
     start = time.perf_counter()
     out = Path(out_dir)
     spec = AdapterSpec(method="lora", r=r, alpha=2 * r, targets="all-linear")

@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from loralab.checkpoint import save_adapter
@@ -85,6 +86,7 @@ def _loss(model: nn.Module, batch: dict, kind: str):
 def finetune(base: str, spec: AdapterSpec, data: DataSpec, config: TrainConfig, out_dir: str | os.PathLike,
              resume: bool = False, evaluate_before: bool = True, calibration_batches: int = 8) -> dict[str, Any]:
     """Train an adapter and save it in out_dir/adapter; returns metrics before and after."""
+    torch.manual_seed(config.seed)  # the fresh classifier head, dropout, random inits
     task = load_data(data)
     model, tokenizer = load_model_for(base, task)
     spec = with_head(spec, model, task)
