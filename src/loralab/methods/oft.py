@@ -1,0 +1,74 @@
+"""OFT: orthogonal fine-tuning (Qiu et al., arXiv 2306.07280).
+
+W' = W R, with R a block-diagonal orthogonal matrix acting on the input side: r blocks of
+size b = in / r, each the Cayley transform R_k = (I + Q_k)(I − Q_k)⁻¹ of a skew-symmetric Q_k
+whose upper triangle is trained (Q = 0 at the start: R = I). Rotating the input keeps the
+angles between W's neurons (the "hyperspherical energy") unchanged. Non-additive: the
+unmerged path computes W(Rx − x); unmerging restores a copy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loralab.layer_kinds import LayerKind
+from loralab.methods.base import METHODS, AdapterMethod
+from loralab.spec import AdapterSpec
+
+
+def cayley(q: torch.Tensor) -> torch.Tensor:
+    """(I + Q)(I − Q)⁻¹ for a batch of skew-symmetric matrices [n, b, b]: orthogonal."""
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
+    return torch.linalg.solve(eye - q, eye + q, left=False)
+
+
+@METHODS.register("oft")
+class OFT(AdapterMethod):
+    name = "oft"
+    summary = "Rotate W's input space by a block-diagonal orthogonal R (Cayley transform)"
+    paper = "2306.07280"
+    param_formula = "r·b(b−1)/2, b = in / r"
+    additive = False
+    layer_kinds = ("linear", "hf-conv1d")
+
+    def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
+        super().__init__(layer, spec, shared)
+        if layer.in_features % spec.r:
+            raise ValueError(f"oft needs r (the number of blocks) to divide in={layer.in_features}, got r={spec.r}")
+        self.block = layer.in_features // spec.r
+        rows, cols = torch.triu_indices(self.block, self.block, offset=1)
+        self.register_buffer("upper_rows", rows, persistent=False)
+        self.register_buffer("upper_cols", cols, persistent=False)
+        self.oft_Q = nn.Parameter(torch.zeros(spec.r, rows.numel(), dtype=layer.weight.dtype,
+                                              device=layer.weight.device))
+
+    @classmethod
+    def max_rank(cls, layer: LayerKind) -> int:
+        return layer.in_features
+
+    def expected_trainable_params(self) -> int:
+        return self.r * self.block * (self.block - 1) // 2
+
+    def rotations(self) -> torch.Tensor:
+        """The r orthogonal blocks [r, b, b]."""
+        q = self.oft_Q.new_zeros(self.r, self.block, self.block)
+        q[:, self.upper_rows, self.upper_cols] = self.oft_Q
+        return cayley(q - q.transpose(1, 2))
+
+    def rotate(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """R x (or Rᵀ x) for x [..., in], block k of x times block k of R."""
+        blocks = x.reshape(*x.shape[:-1], self.r, self.block)
+        pattern = "...kj,kji->...ki" if transpose else "...kj,kij->...ki"
+        return torch.einsum(pattern, blocks, self.rotations()).reshape(x.shape)
+
+    def forward(self, x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        x = self.drop(x)
+        return self.layer.apply(self.rotate(x) - x, self.layer.matrix())
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.rotate(weight, transpose=True)  # row i of W R is Rᵀ wᵢ
+
+    def delta_weight(self) -> torch.Tensor:
+        w = self.layer.matrix().detach()
+        return self.merged_weight(w) - w
