@@ -182,13 +182,17 @@ def methods_args(p: argparse.ArgumentParser) -> None:
 def methods(args: argparse.Namespace) -> int:
     from loralab.inits.base import INITS
     from loralab.methods.base import METHODS
+    from loralab.train.optim import OPTIMIZERS
+    from loralab.train.rank import RANK_SCHEDULES
 
     rows = [{"name": n, "summary": c.summary, "paper": c.paper and f"arXiv:{c.paper}",
              "trainable params per layer": c.param_formula} for n, c in METHODS.items()]
     inits = [{"name": n, "summary": i.summary, "paper": i.paper and f"arXiv:{i.paper}",
               "needs calibration data": i.needs_data} for n, i in INITS.items()]
+    extras = {"optimizers (TrainConfig(optimizer=...), --optimizer)": _documented(OPTIMIZERS.items()),
+              "rank schedules (TrainConfig(rank_schedule=...), --rank-schedule)": _documented(RANK_SCHEDULES.items())}
     if args.json:
-        print(json.dumps({"methods": rows, "inits": inits}, indent=2))
+        print(json.dumps({"methods": rows, "inits": inits, **extras}, indent=2))
         return 0
     width = max(len(r["name"]) for r in rows + inits)
     print("Methods (AdapterSpec(method=...), --method):")
@@ -199,7 +203,20 @@ def methods(args: argparse.Namespace) -> int:
         paper = f"  [{r['paper']}]" if r["paper"] else ""
         data = "  (needs calibration data)" if r["needs calibration data"] else ""
         print(f"  {r['name']:<{width}}  {r['summary']}{paper}{data}")
+    for title, entries in extras.items():
+        print(f"\n{title[0].upper()}{title[1:]}:")
+        for name, summary in entries.items():
+            print(f"  {name:<{width}}  {summary}")
     return 0
+
+
+def _documented(items) -> dict[str, str]:
+    """name → the first sentence of the docstring of the module that defines it."""
+    out = {}
+    for name, obj in items:
+        doc = (sys.modules[obj.__module__].__doc__ or "").strip().replace("\n", " ")
+        out[name] = doc.split(": ", 1)[-1].split(". ")[0] if doc else ""
+    return out
 
 
 # ---- inspect -------------------------------------------------------------------------------
