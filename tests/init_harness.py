@@ -26,7 +26,7 @@ def init_model(init: str, r: int = 3, rslora: bool = False) -> tuple[nn.Module, 
 def check_output_unchanged_and_residual(init: str) -> None:
     original, m, methods = init_model(init)
     x = torch.randn(4, 12)
-    torch.testing.assert_close(m(x), original(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m(x), original(x), atol=5e-5, rtol=1e-4)  # float32 round-off of W_res + BA
     for path, method in methods:
         w = original.get_submodule(path).weight
         w_res = m.get_submodule(path).base_layer.weight
