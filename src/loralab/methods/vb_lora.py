@@ -1,0 +1,77 @@
+"""VB-LoRA: extreme parameter-efficient fine-tuning with vector banks (Li et al., arXiv 2405.15179).
+
+One bank of h vectors of length b is shared by every layer of the adapter. Each length-b
+piece of each layer's A (r×in, split along in) and B (out×r, split along out) is a
+top-k mixture of bank vectors, Σ_{j∈top-k} softmax(ℓ)_j · bank_j, with per-piece logits ℓ
+trained: ΔW = s · B A. Bank (option `bank_size` h, `vector_length` b) and logits train;
+as in the paper both start random, so ΔW is small but non-zero at the start.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loralab.layer_kinds import LayerKind
+from loralab.methods.base import METHODS, AdapterMethod
+from loralab.spec import AdapterSpec
+
+DEFAULTS = {"bank_size": 256, "vector_length": 8, "top_k": 2, "seed": 0}
+
+
+@METHODS.register("vb-lora")
+class VBLoRA(AdapterMethod):
+    name = "vb-lora"
+    summary = "A and B assembled from top-k mixtures of one shared bank of short vectors"
+    paper = "2405.15179"
+    param_formula = "h·b shared, plus h·r·(in + out)/b logits per layer"
+    suggested_lr = 5e-3
+    layer_kinds = ("linear", "hf-conv1d")
+    option_defaults = DEFAULTS
+
+    @classmethod
+    def make_shared(cls, spec: AdapterSpec, layers: list[LayerKind]) -> nn.Module:
+        opts = {**DEFAULTS, **spec.options}
+        g = torch.Generator().manual_seed(opts["seed"])
+        bank = (torch.rand(opts["bank_size"], opts["vector_length"], generator=g) * 2 - 1) * 0.2  # U(-0.2, 0.2)
+        shared = nn.Module()
+        shared.bank = nn.Parameter(bank.to(layers[0].weight))
+        return shared
+
+    @classmethod
+    def expected_shared_params(cls, spec: AdapterSpec, layers: list[LayerKind]) -> int:
+        opts = {**DEFAULTS, **spec.options}
+        return opts["bank_size"] * opts["vector_length"]
+
+    def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
+        super().__init__(layer, spec, shared)
+        b, h, k = self.options["vector_length"], self.options["bank_size"], self.options["top_k"]
+        for size, what in ((layer.in_features, "in"), (layer.out_features, "out")):
+            if size % b:
+                raise ValueError(f"vb-lora vector_length={b} must divide {what}={size}")
+        if not 1 <= k <= h:
+            raise ValueError(f"vb-lora top_k must be in [1, bank_size={h}], got {k}")
+        kw = {"dtype": layer.weight.dtype, "device": layer.weight.device}
+        self.logits_A = nn.Parameter(torch.randn(spec.r * layer.in_features // b, h, **kw))
+        self.logits_B = nn.Parameter(torch.randn(spec.r * layer.out_features // b, h, **kw))
+
+    def expected_trainable_params(self) -> int:
+        return self.logits_A.numel() + self.logits_B.numel()
+
+    def assemble(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row: the softmax-weighted sum of its top-k bank vectors."""
+        top, index = logits.topk(self.options["top_k"], dim=-1)
+        return torch.einsum("pk,pkb->pb", top.softmax(-1), self.shared.bank[index])
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.assemble(self.logits_A).reshape(self.r, self.layer.in_features)
+        b = self.assemble(self.logits_B).reshape(self.r, self.layer.out_features).T  # pieces run along out
+        return a, b
+
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self.factors()
+        return self.scale * b @ a
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.factors()
+        return self.through(x, a, self.scale * b)
