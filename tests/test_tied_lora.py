@@ -17,7 +17,7 @@ KINDS = ("linear", "hf-conv1d")
 
 
 def reference(m, w):
-    (a, b) = m.factors()
+    (a, b) = m.tied()
     return 2.0 * torch.diag(m.lora_v) @ b @ torch.diag(m.lora_u) @ a
 
 
@@ -35,7 +35,7 @@ def test_layers_of_one_shape_share_a_and_b(tmp_path):
     net = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
     ll.add_adapter(net, ll.AdapterSpec(method="tied-lora", r=2, targets=["0", "2", "4"]))
     first, second, last = net[0].adapters["default"], net[2].adapters["default"], net[4].adapters["default"]
-    assert first.factors()[0] is second.factors()[0] and first.factors()[0] is not last.factors()[0]
+    assert first.tied()[0] is second.tied()[0] and first.tied()[0] is not last.tied()[0]
     # per layer out + r, shared r·(in + out) for each of the two shapes, counted once
     assert ll.trainable_parameters(net).trainable == (8 + 2) * 2 + (4 + 2) + 2 * (8 + 8) + 2 * (8 + 4)
     with torch.no_grad():

@@ -63,10 +63,8 @@ class LayerKind:
         return out if bias is None else self.add_bias(out, -bias)
 
 
-class HFConv1DKind(LayerKind):
-    """transformers' Conv1D (GPT-2): weight is [in, out] and y = x @ W + b."""
-
-    name = "hf-conv1d"
+class TransposedKind(LayerKind):
+    """Layers that store W transposed, [in, out]: GPT-2's Conv1D, and nn.Embedding's [num, dim] table."""
 
     @property
     def out_features(self) -> int:
@@ -81,6 +79,12 @@ class HFConv1DKind(LayerKind):
 
     def to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.T
+
+
+class HFConv1DKind(TransposedKind):
+    """transformers' Conv1D (GPT-2): y = x @ W + b with W stored [in, out]."""
+
+    name = "hf-conv1d"
 
 
 class ConvKind(LayerKind):
@@ -108,24 +112,10 @@ class ConvKind(LayerKind):
         return out + bias.view(-1, *([1] * (out.dim() - 2)))
 
 
-class EmbeddingKind(LayerKind):
+class EmbeddingKind(TransposedKind):
     """nn.Embedding: the table is [num, dim]; canonically W = table.T, [dim, num], so out = dim."""
 
     name = "embedding"
-
-    @property
-    def out_features(self) -> int:
-        return self.base.weight.shape[1]
-
-    @property
-    def in_features(self) -> int:
-        return self.base.weight.shape[0]
-
-    def matrix(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return (self.weight if weight is None else weight).T
-
-    def to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
-        return matrix.T
 
     def apply(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         return self.lookup(x, matrix.T)

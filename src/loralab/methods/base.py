@@ -141,6 +141,25 @@ class AdapterMethod(nn.Module):
                 target.copy_(tensors[key])
 
 
+class FactoredMethod(AdapterMethod):
+    """A method whose ΔW = factor_scale · B A for factors it assembles each call (frozen bases,
+    mixtures, projections, …): subclasses implement `factors() -> (A [k, in], B [out, k])`."""
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def factor_scale(self) -> float:
+        return self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self.factors()
+        return self.factor_scale() * b @ a
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.factors()
+        return self.through(x, a, self.factor_scale() * b)
+
+
 def check_shape(name: str, got: torch.Size, want: torch.Size) -> None:
     if tuple(got) != tuple(want):
         raise ValueError(

@@ -15,12 +15,12 @@ from torch import nn
 
 from loralab.layer_kinds import LayerKind
 from loralab.methods._frozen import weight_svd
-from loralab.methods.base import METHODS, AdapterMethod
+from loralab.methods.base import METHODS, FactoredMethod
 from loralab.spec import AdapterSpec
 
 
 @METHODS.register("lora-sb")
-class LoRASB(AdapterMethod):
+class LoRASB(FactoredMethod):
     name = "lora-sb"
     summary = "Train only the r×r core R between frozen orthonormal B and A"
     paper = "2411.19557"
@@ -38,8 +38,5 @@ class LoRASB(AdapterMethod):
     def expected_trainable_params(self) -> int:
         return self.r * self.r
 
-    def delta_weight(self) -> torch.Tensor:
-        return self.scale * self.basis_B @ self.lora_R @ self.basis_A
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self.through(x, self.basis_A, self.scale * self.basis_B @ self.lora_R)
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.basis_A, self.basis_B @ self.lora_R

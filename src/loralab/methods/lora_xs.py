@@ -11,12 +11,12 @@ from torch import nn
 
 from loralab.layer_kinds import LayerKind
 from loralab.methods._frozen import weight_svd
-from loralab.methods.base import METHODS, AdapterMethod
+from loralab.methods.base import METHODS, FactoredMethod
 from loralab.spec import AdapterSpec
 
 
 @METHODS.register("lora-xs")
-class LoRAXS(AdapterMethod):
+class LoRAXS(FactoredMethod):
     name = "lora-xs"
     summary = "Frozen SVD factors of W with one trained r×r matrix between them"
     paper = "2405.17604"
@@ -36,8 +36,5 @@ class LoRAXS(AdapterMethod):
     def expected_trainable_params(self) -> int:
         return self.r * self.r
 
-    def delta_weight(self) -> torch.Tensor:
-        return self.scale * self.basis_B @ self.lora_R @ self.basis_A
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self.through(x, self.basis_A, self.scale * self.basis_B @ self.lora_R)
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.basis_A, self.basis_B @ self.lora_R

@@ -15,12 +15,12 @@ from torch import nn
 
 from loralab.layer_kinds import LayerKind
 from loralab.methods._frozen import seeded_randn
-from loralab.methods.base import METHODS, AdapterMethod
+from loralab.methods.base import METHODS, FactoredMethod
 from loralab.spec import AdapterSpec
 
 
 @METHODS.register("nola")
-class NOLA(AdapterMethod):
+class NOLA(FactoredMethod):
     name = "nola"
     summary = "A and B as trained mixtures of k frozen random bases each"
     paper = "2310.02556"
@@ -46,11 +46,3 @@ class NOLA(AdapterMethod):
         a = torch.einsum("k,kri->ri", self.nola_alpha, self.basis_A)
         b = torch.einsum("k,kor->or", self.nola_beta, self.basis_B)
         return a, b
-
-    def delta_weight(self) -> torch.Tensor:
-        a, b = self.factors()
-        return self.scale * b @ a
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors()
-        return self.through(x, a, self.scale * b)

@@ -11,12 +11,12 @@ from torch import nn
 
 from loralab.layer_kinds import LayerKind
 from loralab.methods._frozen import weight_svd
-from loralab.methods.base import METHODS, AdapterMethod
+from loralab.methods.base import METHODS, FactoredMethod
 from loralab.spec import AdapterSpec
 
 
 @METHODS.register("svfit")
-class SVFit(AdapterMethod):
+class SVFit(FactoredMethod):
     name = "svfit"
     summary = "Train shifts of W's top-r singular values, singular vectors frozen"
     paper = "2409.05926"
@@ -34,8 +34,8 @@ class SVFit(AdapterMethod):
     def expected_trainable_params(self) -> int:
         return self.r
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.basis_U * self.lora_delta) @ self.basis_V
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.basis_V, self.basis_U * self.lora_delta
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self.through(x, self.basis_V, self.basis_U * self.lora_delta)
+    def factor_scale(self) -> float:
+        return 1.0  # the paper's update has no alpha/r

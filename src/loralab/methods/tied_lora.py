@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
-from loralab.methods.base import METHODS, AdapterMethod
+from loralab.methods.base import METHODS, FactoredMethod
 from loralab.spec import AdapterSpec
 
 
@@ -22,7 +22,7 @@ def _key(layer: LayerKind) -> str:
 
 
 @METHODS.register("tied-lora")
-class TiedLoRA(AdapterMethod):
+class TiedLoRA(FactoredMethod):
     name = "tied-lora"
     summary = "A and B tied across layers (per shape), per-layer scaling vectors u and v"
     paper = "2311.09578"
@@ -59,14 +59,11 @@ class TiedLoRA(AdapterMethod):
     def expected_trainable_params(self) -> int:
         return self.layer.out_features + self.r
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def tied(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared (A, B) of this layer's shape."""
         key = _key(self.layer)
         return self.shared[f"A_{key}"], self.shared[f"B_{key}"]
 
-    def delta_weight(self) -> torch.Tensor:
-        a, b = self.factors()
-        return self.scale * (self.lora_v[:, None] * b * self.lora_u) @ a
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors()
-        return self.through(x, a, self.scale * self.lora_v[:, None] * b * self.lora_u)
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.tied()
+        return a, self.lora_v[:, None] * b * self.lora_u

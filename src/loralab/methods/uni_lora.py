@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
-from loralab.methods.base import METHODS, AdapterMethod
+from loralab.methods.base import METHODS, FactoredMethod
 from loralab.spec import AdapterSpec
 
 
@@ -45,7 +45,7 @@ class Projection(nn.Module):
 
 
 @METHODS.register("uni-lora")
-class UniLoRA(AdapterMethod):
+class UniLoRA(FactoredMethod):
     name = "uni-lora"
     summary = "All layers' LoRA parameters projected from one trained vector θ (isometric random P)"
     paper = "2506.00799"
@@ -79,11 +79,3 @@ class UniLoRA(AdapterMethod):
         a = self.init_A + self.shared.values(self.part_a).view_as(self.init_A)
         b = self.shared.values(self.part_b).view(self.layer.out_features, self.r)
         return a, b
-
-    def delta_weight(self) -> torch.Tensor:
-        a, b = self.factors()
-        return self.scale * b @ a
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors()
-        return self.through(x, a, self.scale * b)

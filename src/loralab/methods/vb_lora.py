@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
-from loralab.methods.base import METHODS, AdapterMethod
+from loralab.methods.base import METHODS, FactoredMethod
 from loralab.spec import AdapterSpec
 
 DEFAULTS = {"bank_size": 256, "vector_length": 8, "top_k": 2, "seed": 0}
 
 
 @METHODS.register("vb-lora")
-class VBLoRA(AdapterMethod):
+class VBLoRA(FactoredMethod):
     name = "vb-lora"
     summary = "A and B assembled from top-k mixtures of one shared bank of short vectors"
     paper = "2405.15179"
@@ -67,11 +67,3 @@ class VBLoRA(AdapterMethod):
         a = self.assemble(self.logits_A).reshape(self.r, self.layer.in_features)
         b = self.assemble(self.logits_B).reshape(self.r, self.layer.out_features).T  # pieces run along out
         return a, b
-
-    def delta_weight(self) -> torch.Tensor:
-        a, b = self.factors()
-        return self.scale * b @ a
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors()
-        return self.through(x, a, self.scale * b)

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
-from loralab.methods.base import METHODS, AdapterMethod
+from loralab.methods.base import METHODS, FactoredMethod
 from loralab.spec import AdapterSpec
 
 
 @METHODS.register("vera")
-class VeRA(AdapterMethod):
+class VeRA(FactoredMethod):
     name = "vera"
     summary = "Frozen random A, B shared by all layers; trained scaling vectors b and d"
     paper = "2310.11454"
@@ -53,10 +53,9 @@ class VeRA(AdapterMethod):
         return (self.shared.vera_A[:, : self.layer.in_features],
                 self.shared.vera_B[: self.layer.out_features])
 
-    def delta_weight(self) -> torch.Tensor:
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.bases()
-        return (self.lora_b[:, None] * b * self.lora_d) @ a
+        return a, self.lora_b[:, None] * b * self.lora_d
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.bases()
-        return self.through(x, a, self.lora_b[:, None] * b * self.lora_d)
+    def factor_scale(self) -> float:
+        return 1.0  # VeRA's b and d carry the scale
