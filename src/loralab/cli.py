@@ -334,6 +334,29 @@ def compare_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- combine -------------------------------------------------------------------------------
+def combine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapters", nargs="+", help="LoRA adapter folders trained on the same base")
+    p.add_argument("--method", default="linear",
+                   help="linear, cat, svd, ties, dare, dare-ties, magnitude-prune or lora-lego")
+    p.add_argument("--weights", help="comma-separated, one per adapter (default: all 1)")
+    p.add_argument("--rank", type=int, help="rank of the result (svd, ties, dare, … ; default: see docs)")
+    p.add_argument("--density", type=float, default=0.5, help="kept fraction for ties/dare/magnitude-prune")
+    p.add_argument("--seed", type=int, default=0, help="for dare's random drops and lora-lego's clustering")
+    p.add_argument("--allow-partial", action="store_true", help="treat a layer an adapter lacks as a zero update")
+    p.add_argument("--out", required=True, help="folder for the combined adapter")
+
+
+def combine_cmd(args: argparse.Namespace) -> int:
+    from loralab.compose import combine_folders
+
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    out = combine_folders(args.adapters, args.out, method=args.method, weights=weights, rank=args.rank,
+                          density=args.density, seed=args.seed, allow_partial=args.allow_partial)
+    print(f"combined adapter ({args.method}) written to {out}")
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
     "train": ("fine-tune an adapter on a built-in task or your own data and save it", train_args, train),
@@ -346,6 +369,8 @@ COMMANDS: dict[str, Command] = {
     "generate": ("generate text with a causal LM, with or without an adapter", generate_args, generate),
     "squeeze": ("compress a trained LoRA adapter to a smaller rank (LoRA-Squeeze, SVD of ΔW)", squeeze_args,
                 squeeze),
+    "combine": ("merge several LoRA adapters into one (linear, cat, svd, ties, dare, …)", combine_args,
+                combine_cmd),
     "merge": ("fold an adapter into its base model and write a plain transformers model folder", merge_args, merge),
 }
 
