@@ -20,6 +20,7 @@ class AdaLoRA(AdapterMethod):
     name = "adalora"
     summary = "SVD-form update P·diag(λ)·Q whose rank a schedule prunes or grows by importance"
     paper = "2303.10512"
+    suggested_lr = 5e-3
     rank_schedule = "adalora"
     param_formula = "r·(in + out) + r"
     option_defaults = {"init_rank": None}  # triplets active at the start (default: all r)
@@ -28,8 +29,10 @@ class AdaLoRA(AdapterMethod):
         super().__init__(layer, spec, shared)
         w = layer.weight
         kw = {"dtype": w.dtype, "device": w.device}
-        self.lora_P = nn.Parameter(torch.randn(layer.out_features, spec.r, **kw) * 0.02)
-        self.lora_Q = nn.Parameter(torch.randn(spec.r, layer.in_features, **kw) * 0.02)
+        # orthonormal P and Q, as singular vectors are: the orthogonality regulariser starts at zero
+        # and does not swamp the task gradient under clipping (λ = 0 keeps the output unchanged)
+        self.lora_P = nn.Parameter(torch.linalg.qr(torch.randn(layer.out_features, spec.r))[0].to(**kw))
+        self.lora_Q = nn.Parameter(torch.linalg.qr(torch.randn(layer.in_features, spec.r))[0].T.contiguous().to(**kw))
         self.lora_E = nn.Parameter(torch.zeros(spec.r, **kw))
         start = self.options["init_rank"] or spec.r
         self.register_buffer("rank_mask", (torch.arange(spec.r) < start).to(w.dtype).to(w.device))
