@@ -45,6 +45,7 @@ class AdapterMethod(nn.Module):
         super().__init__()
         object.__setattr__(self, "layer", layer)  # a view of the base layer, not a submodule
         self.shared = shared  # one module for the whole adapter (make_shared), the same object in every layer
+        self.aux_loss: torch.Tensor | None = None  # an extra training loss this forward produced (routers)
         unknown = sorted(set(spec.options) - set(self.option_defaults))
         if unknown:
             allowed = ", ".join(sorted(self.option_defaults)) or "none"

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from loralab.methods.base import AdapterMethod
 from loralab.train.data import collate
 from loralab.train.optim import get_optimizer
 
@@ -101,7 +102,18 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], kind: str) ->
             loss = F.cross_entropy(logits.float(), labels)
         else:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-    return loss, logits
+    return loss + auxiliary_losses(model), logits
+
+
+def auxiliary_losses(model: nn.Module) -> torch.Tensor | float:
+    """Sum (and reset) the extra losses adapter methods recorded in this forward, e.g. a router's
+    load-balancing loss (LoRAMoE)."""
+    total: torch.Tensor | float = 0.0
+    for m in model.modules():
+        if isinstance(m, AdapterMethod) and m.aux_loss is not None:
+            total = total + m.aux_loss
+            m.aux_loss = None
+    return total
 
 
 class Trainer:
