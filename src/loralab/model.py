@@ -126,6 +126,7 @@ def add_adapter(
             current = AdaptedLayer(current)
             _set_module(model, path, current)
         current.add(name, method)
+        method.attach(current)
     state.specs[name] = spec
     init(model, new, InitContext(calibration, calibration_batches, loss_fn))
     set_active(model, name if activate else state.active)

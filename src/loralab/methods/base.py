@@ -114,6 +114,9 @@ class AdapterMethod(nn.Module):
         return weight + self.delta_weight().to(weight.dtype)
 
     # ---- bookkeeping -----------------------------------------------------------------------
+    def attach(self, host: nn.Module) -> None:
+        """Called with the AdaptedLayer that now holds this method (routers look their experts up there)."""
+
     def expected_trainable_params(self) -> int:
         """The trainable-parameter count from the paper's formula, for this layer (without shared ones)."""
         raise NotImplementedError

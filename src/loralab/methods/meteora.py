@@ -1,0 +1,71 @@
+"""MeteoRA-style gating: a trained per-token gate over adapters that are already trained and stay
+frozen (Xu et al., arXiv 2405.13053, "MeteoRA: Multiple-tasks Embedded LoRA for Large Language Models").
+
+In every layer that holds the named expert adapters, a router G (E × in) scores them for
+each token; the layer adds Σ_{e∈top-k} softmax(G x)_e · Δ_e(x), where Δ_e is expert e's own
+unmerged change. Only G trains. Build it with `loralab.compose.add_router(model, experts)`
+(or `AdapterSpec(method="meteora", options={"experts": [...]})` once the experts are attached);
+save and load it like any adapter, after loading its experts under the same names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loralab.layer_kinds import LayerKind
+from loralab.methods.base import METHODS, AdapterMethod
+from loralab.spec import AdapterSpec
+
+
+@METHODS.register("meteora")
+class MeteoraGate(AdapterMethod):
+    name = "meteora"
+    summary = "A trained per-token top-k gate mixing frozen, already-trained adapters"
+    paper = "2405.13053"
+    param_formula = "E·in (the gate only)"
+    layer_kinds = ("linear", "hf-conv1d")
+    option_defaults = {"experts": [], "top_k": 1}
+    needs_base = True  # non-additive experts (DoRA, (IA)³) read the base output
+
+    def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
+        super().__init__(layer, spec, shared)
+        experts, k = list(self.options["experts"]), self.options["top_k"]
+        if not experts:
+            raise ValueError("meteora needs options={'experts': [adapter names]}")
+        if not 1 <= k <= len(experts):
+            raise ValueError(f"meteora top_k must be in [1, {len(experts)}], got {k}")
+        self.router = nn.Parameter(torch.zeros(len(experts), layer.in_features, dtype=layer.weight.dtype,
+                                               device=layer.weight.device))
+        self.host: nn.Module | None = None
+
+    @classmethod
+    def max_rank(cls, layer: LayerKind) -> int:
+        return max(layer.in_features, layer.out_features)  # r is unused
+
+    def attach(self, host: nn.Module) -> None:
+        object.__setattr__(self, "host", host)  # a reference, not a submodule: the experts stay theirs
+
+    def expected_trainable_params(self) -> int:
+        return self.router.numel()
+
+    def experts(self) -> list[AdapterMethod]:
+        names = self.options["experts"]
+        missing = [n for n in names if self.host is None or n not in self.host.adapters]
+        if missing:
+            raise ValueError(f"meteora gate: expert adapter(s) {missing} are not attached to this layer")
+        return [self.host.adapters[n] for n in names]
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.router)
+        top, index = logits.topk(self.options["top_k"], dim=-1)
+        return torch.zeros_like(logits).scatter(-1, index, top.softmax(-1))
+
+    def forward(self, x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        gates = self.gates(x)
+        changes = torch.stack([e.forward(x, base) for e in self.experts()], dim=-1)  # [..., out, E]
+        return (changes * gates.unsqueeze(-2)).sum(-1)
+
+    def delta_weight(self) -> torch.Tensor:
+        raise ValueError("a meteora gate routes per token: there is no single ΔW to merge; keep it unmerged")
