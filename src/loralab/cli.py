@@ -357,6 +357,21 @@ def combine_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- analyze -------------------------------------------------------------------------------
+def analyze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="LoRA-family adapter folder")
+    p.add_argument("--base", help="base model: adds intruder dimensions against its weights")
+    p.add_argument("--other", help="a second adapter: adds subspace similarity per layer")
+    p.add_argument("--out", required=True, help="folder for the PNGs and report.html")
+
+
+def analyze_cmd(args: argparse.Namespace) -> int:
+    from loralab.analysis import analyze
+
+    print(f"report written to {analyze(args.adapter, args.out, base=args.base, other=args.other)}")
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
     "train": ("fine-tune an adapter on a built-in task or your own data and save it", train_args, train),
@@ -371,6 +386,8 @@ COMMANDS: dict[str, Command] = {
                 squeeze),
     "combine": ("merge several LoRA adapters into one (linear, cat, svd, ties, dare, …)", combine_args,
                 combine_cmd),
+    "analyze": ("plots and an HTML report of an adapter: norms, ranks, spectra, intruders, similarity",
+                analyze_args, analyze_cmd),
     "merge": ("fold an adapter into its base model and write a plain transformers model folder", merge_args, merge),
 }
 
