@@ -4,7 +4,8 @@ The low-rank update lives in the wavelet domain of W: with H_out, H_in the ortho
 one-level Haar transforms, ΔW = H_outᵀ (s · B A) H_in, i.e. the inverse 2-D wavelet transform
 of a rank-r coefficient matrix. The Haar basis concentrates smooth structure in few
 coefficients, so the same rank reaches updates LoRA's pixel-domain B A cannot. Needs even
-in/out sizes (one Haar level); B starts at zero.
+in/out sizes (one Haar level); B starts at zero. (The paper factorises within the wavelet
+subbands, A ∈ R^{r×in/2}; here one rank-r factorisation spans all four subbands.)
 """
 
 from __future__ import annotations
