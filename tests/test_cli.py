@@ -97,3 +97,23 @@ def test_generate_matches_offline_greedy(capsys):
     enc = tok(text, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert printed == tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.slow
+def test_chat_training_on_smollm2_and_peft_reads_it(tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "gsm"
+    assert main(["train", "--base", "smollm2-135m", "--task", "gsm8k", "--max-train", "8", "--max-test", "4",
+                 "--steps", "2", "--batch-size", "4", "--r", "4", "--targets", "q_proj,v_proj", "--lr", "1e-2",
+                 "--max-length", "192", "--out", str(out), "--no-progress"]) == 0
+    assert ll.read_config(out / "adapter")["task_type"] == "CAUSAL_LM"
+    ours, tok = ll.load_base("smollm2-135m")
+    ll.load_adapter(ours, out / "adapter")
+    theirs = PeftModel.from_pretrained(ll.load_base("smollm2-135m")[0], str(out / "adapter")).eval()
+    ids = tok("Natalia sold clips to 48 of her friends.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours.eval()
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
+        base_logits = ll.load_base("smollm2-135m")[0](ids).logits
+    assert not torch.allclose(ours(ids).logits, base_logits, atol=1e-3)
