@@ -1,0 +1,1 @@
+"""Serving many adapters on one base model (issue in progress): batched LoRA kernels so far."""
