@@ -1,23 +1,128 @@
-"""BGMV and SGMV against a row-by-row loop over each row's own adapter (ranks differ, some rows base-only)."""
+"""Mixed-adapter LoRA: the BGMV and SGMV kernels against a per-row loop, and a whole model whose
+batch mixes adapters (different ranks and targets, rsLoRA, the output head) and base rows
+against the same model running each adapter alone through `ll.load_adapter`.
+
+The helpers here (tiny Llama, random adapters on disk) are shared by the other serve tests."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from loralab.serve.batched_lora import bgmv, sgmv, stack_factors
+import loralab as ll
+from loralab.serve.batched_lora import RowSlots, SlotFactors, add_bgmv, add_sgmv, choose_kernel
+from loralab.serve.pool import AdapterPool
+
+SPECS = {  # different ranks, target sets and scalings in one batch
+    "qv2": ll.AdapterSpec(r=2, alpha=4, targets=["q_proj", "v_proj"]),
+    "all8": ll.AdapterSpec(r=8, alpha=8, targets="all-linear"),
+    "head4": ll.AdapterSpec(r=4, alpha=16, targets=["o_proj", "down_proj", "lm_head"], rslora=True),
+}
 
 
-@pytest.mark.parametrize("kernel", [bgmv, sgmv])
-def test_each_row_gets_its_own_adapter(kernel):
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two intra-op threads on a shared 2-core machine stall on each other; one is steadier and faster here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_llama(seed: int = 0, **config) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+                         "pad_token_id": 0, **config})
+    return LlamaForCausalLM(cfg).eval()
+
+
+def save_lora(base: torch.nn.Module, folder: Path, spec: ll.AdapterSpec, seed: int) -> Path:
+    """A PEFT-format adapter with random, non-zero B (so every layer it targets changes)."""
+    model = copy.deepcopy(base)
+    ll.add_adapter(model, spec, "x")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return ll.save_adapter(model, folder, "x")
+
+
+def reference(base: torch.nn.Module, root: Path, names) -> torch.nn.Module:
+    """The base model with every adapter attached through loralab's own loader."""
+    ref = copy.deepcopy(base)
+    for name in names:
+        ll.load_adapter(ref, root / name, name)
+    return ref
+
+
+def run_alone(ref: torch.nn.Module, adapter: str | None, fn):
+    """fn() with only `adapter` active on `ref` (None: the base model)."""
+    if adapter is None:
+        with ll.disabled(ref):
+            return fn()
+    ll.set_active(ref, adapter)
+    return fn()
+
+
+@pytest.mark.parametrize("kernel", [add_bgmv, add_sgmv])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_kernels_give_each_row_its_own_adapter(kernel, tokens):
     g = torch.Generator().manual_seed(0)
     factors = [(torch.randn(r, 16, generator=g), torch.randn(12, r, generator=g), s)
                for r, s in ((2, 1.0), (8, 0.5), (4, 2.0))]
-    a_stack, b_stack = stack_factors(factors)
-    x = torch.randn(6, 5, 16, generator=g)
-    idx = torch.tensor([2, -1, 0, 2, 1, -1])
-    got = kernel(x, a_stack, b_stack, idx)
-    for i, slot in enumerate(idx.tolist()):
-        if slot < 0:
-            assert torch.count_nonzero(got[i]) == 0
-        else:
+    stacked = SlotFactors.stack(factors)
+    stacked.clear(1)  # an empty slot (an adapter without this layer) adds nothing
+    x = torch.randn(7, tokens, 16, generator=g)
+    slots = [2, -1, 0, 2, 1, -1, 0]
+    base_out = torch.randn(7, tokens, 12, generator=g)
+    out = base_out.clone()
+    kernel(out, x, stacked, RowSlots(slots))
+    for i, slot in enumerate(slots):
+        want = base_out[i].clone()
+        if slot in (0, 2):
             a, b, s = factors[slot]
-            torch.testing.assert_close(got[i], s * x[i] @ a.T @ b.T, atol=1e-4, rtol=1e-4)
+            want += s * x[i] @ a.T @ b.T
+        torch.testing.assert_close(out[i], want, atol=1e-4, rtol=1e-4)
+
+
+def test_rank_capacity_grows_without_touching_other_slots():
+    stacked = SlotFactors(3, 8, 6, torch.float32)
+    a0, b0 = torch.randn(2, 8), torch.randn(6, 2)
+    stacked.write(0, a0, b0, 3.0)
+    stacked.write(2, torch.randn(5, 8), torch.randn(6, 5), 1.0)  # grows r_cap from 2 to 5
+    assert stacked.a.shape == (3, 5, 8) and stacked.bt.shape == (3, 5, 6) and stacked.ranks == [2, 0, 5]
+    torch.testing.assert_close(stacked.bt[0, :2].T @ stacked.a[0, :2], 3.0 * b0 @ a0)
+    assert not stacked.a[0, 2:].any() and not stacked.a[1].any()
+
+
+def test_kernel_rule_uses_bgmv_only_for_distinct_low_rank_rows():
+    stacked = SlotFactors.stack([(torch.randn(r, 4), torch.randn(4, r), 1.0) for r in (8, 16, 64)])
+    assert choose_kernel(RowSlots([0, 1]), stacked) is add_bgmv
+    assert choose_kernel(RowSlots([0, 0, 1]), stacked) is add_sgmv  # rows share an adapter
+    assert choose_kernel(RowSlots([0, 2]), stacked) is add_sgmv  # rank 64 in use
+
+
+def test_mixed_batch_matches_each_adapter_alone(tmp_path):
+    base = tiny_llama()
+    for i, (name, spec) in enumerate(SPECS.items()):
+        save_lora(base, tmp_path / name, spec, seed=i)
+    ref = reference(base, tmp_path, SPECS)
+    model = copy.deepcopy(base)
+    pool = AdapterPool(tmp_path, max_loaded=3, model=model)
+    slots = {None: -1} | {name: pool.acquire(name).slot for name in SPECS}
+    rows = [None, "qv2", "all8", "head4", "all8", None, "qv2"]
+    ids = torch.randint(1, 64, (len(rows), 6), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        pool.rows.assign([slots[r] for r in rows])
+        got = model(input_ids=ids).logits
+        for i, adapter in enumerate(rows):
+            want = run_alone(ref, adapter, lambda i=i: ref(input_ids=ids[i : i + 1]).logits[0])
+            torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+            if adapter is not None:  # the adapter really changes this row
+                assert not torch.allclose(got[i], base(input_ids=ids[i : i + 1]).logits[0], atol=1e-3)

@@ -1,14 +1,20 @@
-"""The training loop: learning, schedule, accumulation, exact resume, Ctrl-C, logs, bad config."""
+"""The training loop: learning, schedule, accumulation, exact resume, Ctrl-C, logs, losses, bad config."""
 
 import json
+import os
 import shutil
+import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from trainer_toy import Toy, adapted_toy, examples, trainable_state
 
 from loralab.train import TrainConfig, Trainer
-from loralab.train.trainer import lr_factor
+from loralab.train.optim import get_optimizer
+from loralab.train.trainer import compute_loss, lr_factor
 
 
 def cfg(**kw):
@@ -77,6 +83,55 @@ def test_ctrl_c_keeps_a_resumable_checkpoint(tmp_path):
         torch.testing.assert_close(trainable_state(again)[name], value, atol=0, rtol=0)
 
 
+def assert_resumes_exactly(out, **kw):
+    """Resuming `out`'s newest checkpoint reaches the weights of an uninterrupted run, bit for bit."""
+    again = adapted_toy()
+    Trainer(again, examples(64), None, cfg(out_dir=out, **kw)).train(resume_from="latest")
+    straight = adapted_toy()
+    Trainer(straight, examples(64), None, cfg(**kw)).train()
+    for name, value in trainable_state(straight).items():
+        torch.testing.assert_close(trainable_state(again)[name], value, atol=0, rtol=0)
+
+
+def test_ctrl_c_mid_step_saves_the_last_completed_step(tmp_path):
+    out, kw = str(tmp_path / "run"), dict(max_steps=6, batch_size=8, grad_accum=2)
+    model = adapted_toy()
+    forwards = []
+
+    def interrupt_in_step_4(module, args):  # the second micro-batch of step 4: data and dropout RNG moved on
+        forwards.append(1)
+        if len(forwards) == 8:
+            raise KeyboardInterrupt
+
+    model.register_forward_pre_hook(interrupt_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(model, examples(64), None, cfg(out_dir=out, **kw)).train()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["checkpoint-3"]
+    assert_resumes_exactly(out, **kw)
+
+
+def test_sigint_during_the_update_waits_for_the_step_to_finish(tmp_path):
+    out, kw = str(tmp_path / "run"), dict(max_steps=6)
+    updates = []
+
+    def sigint_after_third_update(model, config):
+        optimizer = get_optimizer("adamw")(model, config)
+
+        def hook(opt, args, kwargs):  # weights already moved, step counter not yet
+            updates.append(1)
+            if len(updates) == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        optimizer.register_step_post_hook(hook)
+        return optimizer
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(adapted_toy(), examples(64), None, cfg(out_dir=out, **kw),
+                optimizer_factory=sigint_after_third_update).train()
+    assert (tmp_path / "run" / "checkpoint-3").is_dir()
+    assert_resumes_exactly(out, **kw)
+
+
 def test_jsonl_log(tmp_path):
     model = adapted_toy()
     Trainer(model, examples(64), examples(32), cfg(max_steps=4, log_every=2, eval_every=2,
@@ -88,11 +143,68 @@ def test_jsonl_log(tmp_path):
     assert any("eval_accuracy" in r for r in records)
 
 
-@pytest.mark.parametrize("kw, message", [({"lr": 0}, "lr"), ({"schedule": "step"}, "schedule must be one of"),
-                                         ({"max_steps": 0}, "max_steps"), ({"grad_accum": 0}, "grad_accum")])
+def test_logged_lr_is_the_rate_each_step_used(tmp_path):
+    config = cfg(max_steps=6, warmup_steps=2, schedule="linear", log_every=1, out_dir=str(tmp_path))
+    Trainer(adapted_toy(), examples(64), None, config).train()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == pytest.approx([5e-2 * lr_factor(s, config) for s in range(6)])
+
+
+def test_max_eval_batches_caps_evaluation():
+    seen = []
+
+    def counting_collate(items):
+        seen.append(len(items))
+        return {"input_ids": torch.tensor([e["input_ids"] for e in items]),
+                "labels": torch.tensor([e["labels"] for e in items])}
+
+    trainer = Trainer(adapted_toy(), examples(8), examples(40), cfg(eval_batch_size=8, max_eval_batches=2),
+                      collate_fn=counting_collate)
+    trainer.evaluate()
+    assert seen == [8, 8]
+
+
+class TinyLM(nn.Module):
+    def __init__(self, hf_style: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head, self.hf_style = nn.Embedding(10, 8), nn.Linear(8, 10), hf_style
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits = self.head(self.embed(input_ids))
+        return SimpleNamespace(logits=logits, loss=torch.tensor(7.0)) if self.hf_style else logits
+
+
+def test_causal_lm_loss_is_shifted_and_skips_ignored_tokens():
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4]]), "labels": torch.tensor([[-100, 2, 3, -100]])}
+    loss, logits = compute_loss(TinyLM(), batch, "causal-lm")
+    expected = F.cross_entropy(logits[0, :2], torch.tensor([2, 3]))  # position t predicts label t+1
+    torch.testing.assert_close(loss, expected)
+    assert float(compute_loss(TinyLM(hf_style=True), batch, "causal-lm")[0]) == 7.0  # the model's own loss wins
+
+
+def test_causal_lm_training_reports_perplexity():
+    data = [{"input_ids": [1, 2, 3, 4, 5], "labels": [1, 2, 3, 4, 5]}] * 16
+    model = TinyLM()
+    model.embed.requires_grad_(False)
+    trainer = Trainer(model, data, data, cfg(task_kind="causal-lm", batch_size=4, max_steps=20))
+    before = trainer.evaluate()
+    after = trainer.train()
+    assert after["loss"] < before["loss"] - 0.5
+    assert after["perplexity"] == pytest.approx(torch.tensor(after["loss"]).exp().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kw, message", [({"lr": 0}, "lr"), ({"schedule": "step"}, "linear, cosine, constant"),
+                                         ({"max_steps": 0}, "max_steps"), ({"grad_accum": 0}, "grad_accum"),
+                                         ({"batch_size": 0}, "batch_size"), ({"log_every": 0}, "log_every")])
 def test_bad_config_refused(kw, message):
     with pytest.raises(ValueError, match=message):
         Trainer(adapted_toy(), examples(8), None, cfg(**kw))
+
+
+def test_empty_training_data_refused():
+    with pytest.raises(ValueError, match="empty"):
+        Trainer(adapted_toy(), [], None, cfg())
 
 
 def test_no_trainable_parameters_refused():

@@ -16,10 +16,13 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -58,6 +61,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     eval_every: int = 0  # 0: only at the end
     eval_batch_size: int = 64
+    max_eval_batches: int | None = None  # cap on each evaluation (None: the whole set)
     save_every: int = 0  # 0: only at the end (and on Ctrl-C)
     out_dir: str | None = None
     keep_last: int = 2
@@ -71,6 +75,13 @@ class TrainConfig:
                   (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
                   (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
                   (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+                  (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+                  (self.eval_every >= 0 and self.save_every >= 0,
+                   f"eval_every and save_every must be >= 0 (0: only at the end), got {self.eval_every}, "
+                   f"{self.save_every}"),
+                  (self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}"),
+                  (self.max_eval_batches is None or self.max_eval_batches >= 1,
+                   f"max_eval_batches must be >= 1 or None, got {self.max_eval_batches}"),
                   (self.schedule in SCHEDULES,
                    f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
                   (self.task_kind in KINDS, f"task_kind must be one of {', '.join(KINDS)}, got {self.task_kind!r}")]
@@ -194,62 +205,98 @@ class Trainer:
                 getattr(cb, event)(self, *args)
 
     def train(self, resume_from: str | os.PathLike | None = None) -> dict[str, Any]:
-        """Run to max_steps; returns the final evaluation (and the last training loss)."""
+        """Run to max_steps; returns the final evaluation (and the last training loss).
+
+        Ctrl-C saves a checkpoint of the last completed step (when out_dir is set) and re-raises.
+        """
         if resume_from is not None:
             self.load_checkpoint(self._resolve_resume(resume_from))
         cfg = self.config
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not cfg.progress or self.rank != 0,
                    dynamic_ncols=True)
-        start, seen_examples, seen_tokens, last_loss = time.perf_counter(), 0, 0, float("nan")
+        meter, last_loss = _Throughput(), float("nan")
         self.model.train()
         try:
             while self.step < cfg.max_steps:
-                self.notify("on_step_begin", self.step)
-                loss_sum = 0.0
-                for micro in range(cfg.grad_accum):
-                    batch = self._next_batch()
-                    sync = micro == cfg.grad_accum - 1 or self.world == 1
-                    with contextlib.nullcontext() if sync else self.engine.no_sync():
-                        loss, _ = compute_loss(self.engine, batch, cfg.task_kind)
-                        (loss / cfg.grad_accum).backward()
-                    loss_sum += loss.item() / cfg.grad_accum
-                    seen_examples += batch["input_ids"].shape[0] * self.world
-                    seen_tokens += int(batch["attention_mask"].sum()) * self.world if "attention_mask" in batch else 0
-                self.notify("on_before_step")
-                grad_norm = self._clip()
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                last_loss = _mean_over_ranks(loss_sum, self.world)
-                elapsed = time.perf_counter() - start
-                logs = {"step": self.step, "loss": last_loss, "lr": self.scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm, "examples_per_s": seen_examples / elapsed,
-                        "tokens_per_s": seen_tokens / elapsed, "elapsed_s": elapsed}
+                logs = self._train_step(meter)
+                last_loss = logs["loss"]
                 bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}", ex_s=f"{logs['examples_per_s']:.1f}")
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    self._log(logs)
-                self.notify("on_step_end", self.step, logs)
+                speed = (f"{logs['tokens_per_s']:.0f} tok/s" if cfg.task_kind == "causal-lm"
+                         else f"{logs['examples_per_s']:.1f} ex/s")
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}", speed=speed)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                     self._evaluate_and_log()
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save_checkpoint()
+            result = self._evaluate_and_log() if self.eval_data else {}
         except KeyboardInterrupt:
             bar.close()
-            if self.out_dir is not None and self.step > 0:
-                path = self.save_checkpoint()
-                if self.rank == 0:
-                    print(f"\ninterrupted at step {self.step}; checkpoint saved in {path}. "
-                          f"Resume with --resume (train(resume_from='latest')).")
+            self._save_interrupted()
             raise
         bar.close()
-        result = self._evaluate_and_log() if self.eval_data else {}
         result["train_loss"] = last_loss
         if self.out_dir is not None:
             self.save_checkpoint()
         self.notify("on_train_end")
         return result
+
+    def _train_step(self, meter: _Throughput) -> dict[str, Any]:
+        """One optimiser step and its logs. Interrupted before its update, it rewinds the data cursor and
+        the RNG to the start of the step, so the checkpoint Ctrl-C takes is the last completed step exactly."""
+        step, epoch, position, rng = self.step, self.epoch, self.position, _rng_state()
+        try:
+            loss_sum, examples, tokens = self._accumulate()
+            with _sigint_deferred():  # the update and its bookkeeping happen whole or not at all
+                logs = self._update()
+                logs.update(loss=_mean_over_ranks(loss_sum, self.world), **meter.add(examples, tokens))
+                if self.step % self.config.log_every == 0 or self.step == self.config.max_steps:
+                    self._log(logs)
+                self.notify("on_step_end", self.step, logs)
+            return logs
+        except KeyboardInterrupt:
+            if self.step == step:
+                self.epoch, self.position = epoch, position
+                _set_rng_state(rng)
+                self.optimizer.zero_grad(set_to_none=True)
+            raise
+
+    def _accumulate(self) -> tuple[float, int, int]:
+        """Forward and backward over grad_accum micro-batches: (mean loss here, examples, tokens over all processes)."""
+        cfg = self.config
+        self.notify("on_step_begin", self.step)
+        loss_sum, examples, tokens = 0.0, 0, 0
+        for micro in range(cfg.grad_accum):
+            batch = self._next_batch()
+            sync = micro == cfg.grad_accum - 1 or self.world == 1
+            with contextlib.nullcontext() if sync else self.engine.no_sync():
+                loss, _ = compute_loss(self.engine, batch, cfg.task_kind)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+            examples += batch["input_ids"].shape[0] * self.world
+            tokens += int(batch["attention_mask"].sum()) * self.world if "attention_mask" in batch else 0
+        return loss_sum, examples, tokens
+
+    def _update(self) -> dict[str, Any]:
+        """Clip, step the optimiser and the schedule; the logs of the step (lr: the rate it used)."""
+        self.notify("on_before_step")
+        grad_norm = self._clip()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "lr": lr, "grad_norm": grad_norm}
+
+    def _save_interrupted(self) -> None:
+        if self.out_dir is None or self.step == 0:
+            if self.rank == 0:
+                print(f"\ninterrupted at step {self.step}; nothing saved "
+                      f"({'no out_dir set' if self.out_dir is None else 'no step completed'}).", file=sys.stderr)
+            return
+        path = self.save_checkpoint()
+        if self.rank == 0:
+            print(f"\ninterrupted at step {self.step}; checkpoint saved in {path}. "
+                  f"Resume with --resume (train(resume_from='latest')).", file=sys.stderr)
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -269,7 +316,7 @@ class Trainer:
         if not data:
             raise ValueError("no evaluation data")
         return evaluate(self.model, data, self.config.task_kind, self.config.eval_batch_size, self.collate,
-                        self.rank, self.world)
+                        self.rank, self.world, max_batches=self.config.max_eval_batches)
 
     # ---- logs and checkpoints --------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -350,11 +397,14 @@ class Trainer:
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[dict[str, Any]], kind: str, batch_size: int = 64,
              collate_fn: Callable[[list], dict] | None = None, rank: int = 0, world: int = 1,
-             progress: bool = False) -> dict[str, float]:
+             progress: bool = False, max_batches: int | None = None) -> dict[str, float]:
     """classification: {"accuracy", "loss"}; causal-lm: {"loss", "perplexity"} (token-weighted).
 
-    Under torchrun each process takes every world-th example and the sums are all-reduced.
+    `max_batches` keeps the first max_batches·batch_size examples. Under torchrun each process
+    takes every world-th example and the sums are all-reduced.
     """
+    if max_batches is not None:
+        examples = examples[:max_batches * batch_size]
     collate_fn = collate_fn or partial(collate, pad_token_id=0)
     was_training = model.training
     model.eval()
@@ -389,6 +439,38 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class _Throughput:
+    """Examples and tokens seen since training (re)started, as rates."""
+
+    start: float = field(default_factory=time.perf_counter)
+    examples: int = 0
+    tokens: int = 0
+
+    def add(self, examples: int, tokens: int) -> dict[str, float]:
+        self.examples += examples
+        self.tokens += tokens
+        elapsed = time.perf_counter() - self.start
+        return {"examples_per_s": self.examples / elapsed, "tokens_per_s": self.tokens / elapsed, "elapsed_s": elapsed}
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C until the block ends, then raise KeyboardInterrupt (main thread, default handler only)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 # ---- torchrun --------------------------------------------------------------------------------

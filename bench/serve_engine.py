@@ -1,0 +1,170 @@
+"""Generation throughput of the multi-adapter engine on SmolLM2-135M vs the base model alone and vs HF PEFT.
+
+N LoRA adapters (ranks cycling 8, 16, 32, 64 on the q/k/v/o projections, random non-zero B)
+serve `--requests` AG News prompts whose adapters are drawn uniformly or by Zipf popularity
+(p ∝ 1/rank). Contenders, timed round by round in rotating order (bench/common.py), each
+producing exactly `--max-tokens` greedy tokens per request (EOS ignored):
+
+- engine: `loralab.serve.Engine`, every request with its own adapter, all in one batch;
+- engine, no adapters: the same engine with every request on the base model (its own overhead);
+- HF base: `model.generate` of the base model alone on the left-padded batch;
+- PEFT: `PeftModel` holding the N adapters, `model.generate(..., adapter_names=[...])`.
+
+Speeds are median per-round ratios. `--kernels` instead times the BGMV and SGMV kernels on
+SmolLM2 layer shapes, the measurement behind `loralab.serve.batched_lora.choose_kernel`.
+Run: `.venv/bin/python bench/serve_engine.py` (about 5 minutes with the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import tempfile
+from pathlib import Path
+
+import torch
+from common import interleaved, markdown_table
+
+import loralab as ll
+from loralab.serve.batched_lora import RowSlots, SlotFactors, add_bgmv, add_sgmv
+from loralab.serve.engine import Engine, SamplingParams
+from loralab.serve.pool import AdapterPool
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+RANKS = (8, 16, 32, 64)
+AG_NEWS = Path("/work/shared/data/agnews/test.tsv")
+
+
+def make_adapters(base: torch.nn.Module, root: Path, n: int) -> list[str]:
+    names = []
+    for i in range(n):
+        name = f"user{i:03d}"
+        ll.add_adapter(base, ll.AdapterSpec(r=RANKS[i % len(RANKS)], alpha=16, targets=TARGETS), "x")
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for pname, p in base.named_parameters():
+                if "lora_B" in pname:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+        ll.save_adapter(base, root / name, "x")
+        ll.remove_adapter(base, "x")
+        names.append(name)
+    return names
+
+
+def prompts(tok, count: int, tokens: int) -> list[list[int]]:
+    with AG_NEWS.open() as f:
+        texts = [row[0] for row, _ in zip(csv.reader(f, delimiter="\t"), range(count))]
+    return [tok(t)["input_ids"][:tokens] for t in texts]
+
+
+def popularity(names: list[str], count: int, kind: str, seed: int = 0) -> list[str]:
+    weights = torch.ones(len(names)) if kind == "uniform" else 1.0 / torch.arange(1, len(names) + 1)
+    picks = torch.multinomial(weights, count, replacement=True, generator=torch.Generator().manual_seed(seed))
+    return [names[i] for i in picks.tolist()]
+
+
+def hf_generate(model, tok, ids: list[list[int]], max_tokens: int, last: dict, **kwargs):
+    """A timed call that leaves its generated tokens per request in last["tokens"]."""
+    batch = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, **kwargs)
+        last["tokens"] = out[:, batch["input_ids"].shape[1]:].tolist()
+
+    return run
+
+
+def engine_generate(engine: Engine, ids: list[list[int]], adapters: list[str | None], max_tokens: int, last: dict):
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+
+    def run():
+        last["tokens"] = [o.token_ids for o in engine.generate([(p, a, params) for p, a in zip(ids, adapters)])]
+
+    return run
+
+
+def serve_table(args) -> None:
+    from peft import PeftModel
+
+    base, tok = ll.load_base("smollm2-135m")
+    tok.padding_side = "left"
+    ids = prompts(tok, args.requests, args.prompt_tokens)
+    tokens = args.requests * args.max_tokens
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        names = make_adapters(base, root, max(args.adapters))
+        plain = copy.deepcopy(base)
+        for n in args.adapters:
+            served = copy.deepcopy(plain)  # the pool wraps its layers
+            engine = Engine(served, tok, AdapterPool(root, n, model=served, discover=False),
+                            max_batch=args.requests)
+            peft = PeftModel.from_pretrained(base, root / names[0], adapter_name=names[0])
+            for name in names[1:n]:
+                peft.load_adapter(root / name, adapter_name=name)
+            for name in names[:n]:
+                engine.pool.register(name)
+            for kind in ("uniform", "zipf") if n > 1 else ("uniform",):
+                chosen = popularity(names[:n], args.requests, kind)
+                ours, theirs = {}, {}
+                contenders = {
+                    "engine": engine_generate(engine, ids, chosen, args.max_tokens, ours),
+                    "engine, no adapters": engine_generate(engine, ids, [None] * len(ids), args.max_tokens, {}),
+                    "HF base": hf_generate(plain, tok, ids, args.max_tokens, {}),
+                    "PEFT": hf_generate(peft, tok, ids, args.max_tokens, theirs, adapter_names=chosen),
+                }
+                res = interleaved(contenders, "engine", rounds=args.rounds, repeats=1, warmup=1)
+                agree = sum(o == p for o, p in zip(ours["tokens"], theirs["tokens"]))
+                rows.append([str(n), kind, str(len(set(chosen))), *(f"{tokens / res[c]['seconds']:.0f}" for c in res),
+                             f"{res['PEFT']['ratio']:.2f}x", f"{res['HF base']['ratio']:.2f}",
+                             f"{agree}/{len(ids)}"])
+                print(rows[-1], flush=True)
+            peft.unload()
+    print(f"\nSmolLM2-135M, {args.requests} requests x {args.max_tokens} greedy tokens, "
+          f"prompts of {args.prompt_tokens} tokens, LoRA ranks {RANKS} on {', '.join(TARGETS)}, "
+          f"{args.threads} thread(s), median of {args.rounds} interleaved rounds")
+    print(markdown_table(["adapters", "popularity", "distinct in batch", "engine tok/s", "engine no-adapter tok/s",
+                          "HF base tok/s", "PEFT tok/s", "engine speed-up over PEFT", "engine / HF base speed",
+                          "greedy tokens equal to PEFT's"], rows))
+
+
+def kernel_table(args) -> None:
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for d_in, d_out in ((576, 576), (576, 1536), (1536, 576)):
+        for r in (16, 64):
+            factors = SlotFactors.stack([(torch.randn(r, d_in), torch.randn(d_out, r), 1.0) for _ in range(64)])
+            for tokens in (1, 32):
+                for n in (8, 64):
+                    for distinct in sorted({1, n // 4, n}):
+                        x, out = torch.randn(n, tokens, d_in), torch.zeros(n, tokens, d_out)
+                        rows_ = RowSlots((torch.randperm(n, generator=gen) % distinct).tolist())
+                        kernels = {name: lambda k=k, o=out, x=x, f=factors, s=rows_: k(o, x, f, s)
+                                   for name, k in (("bgmv", add_bgmv), ("sgmv", add_sgmv))}
+                        res = interleaved(kernels, "sgmv", rounds=args.rounds, repeats=5)
+                        rows.append([f"{d_in}→{d_out}", str(r), str(tokens), str(n), str(distinct),
+                                     f"{res['sgmv']['seconds'] * 1e6:.0f}", f"{res['bgmv']['ratio']:.2f}"])
+    print(f"BGMV vs SGMV per layer call, {args.threads} thread(s), median of {args.rounds} interleaved rounds")
+    print(markdown_table(["layer", "rank", "tokens/row", "rows", "distinct adapters", "SGMV µs", "BGMV / SGMV time"],
+                         rows))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=10)
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="1: steadiest on a small shared machine")
+    ap.add_argument("--kernels", action="store_true", help="time the BGMV and SGMV kernels instead")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    (kernel_table if args.kernels else serve_table)(args)
+
+
+if __name__ == "__main__":
+    main()
