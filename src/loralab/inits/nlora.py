@@ -1,5 +1,5 @@
 """NLoRA: Nyström-initiated low-rank adaptation (Guo et al., "NLoRA: Nyström-Initiated Low-Rank
-Adaptation for Large Language Models").
+Adaptation for Large Language Models", arXiv 2502.14482).
 
 PiSSA's idea without an SVD: the Nyström approximation of W from two random sketches
 Ω ∈ R^{in×r}, Ψ ∈ R^{out×r} (seeded per layer),
@@ -27,7 +27,8 @@ def nystrom_factors(w: torch.Tensor, r: int, seed: int) -> tuple[torch.Tensor, t
     return b, a
 
 
-@initialiser("nlora", "A, B from a Nyström sketch of W (no SVD); the base keeps the residual")
+@initialiser("nlora", "A, B from a Nyström sketch of W (no SVD); the base keeps the residual",
+             paper="2502.14482")
 @torch.no_grad()
 def nlora(model: nn.Module, adapted: list[tuple[str, AdapterMethod]], context: InitContext) -> None:
     for index, method in enumerate(low_rank_methods(adapted, "nlora")):

@@ -1,4 +1,4 @@
-"""SALT: singular value adaptation with low-rank transformation (Elsayed et al., 2025; arXiv id not verified here).
+"""SALT: singular value adaptation with low-rank transformation (Elsayed et al., arXiv 2503.16055).
 
 With W = U S Vᵀ, the top-r singular values get a trained scale α and shift β, and the
 remaining subspace gets a LoRA of rank `lora_rank` restricted to it:
@@ -23,7 +23,7 @@ from loralab.spec import AdapterSpec
 class SALT(AdapterMethod):
     name = "salt"
     summary = "Scale and shift W's top-r singular values, plus a LoRA inside the remaining subspace"
-    paper = ""  # arXiv id not verified offline; see the docstring
+    paper = "2503.16055"
     param_formula = "2r + lora_rank·2·(min(in, out) − r)"
     option_defaults = {"lora_rank": 4}
 

@@ -1,5 +1,5 @@
 """TeRA: vector-based random tensor network for high-rank adaptation of large language models
-(listed in shared/papers; arXiv id not verified offline).
+(Gu et al., arXiv 2509.03234).
 
 W's update is tensorised: out = o₁·o₂ and in = i₁·i₂ give a 4-way tensor, written as a
 Tucker network whose core G and factor matrices U_k (n_k × n_k) are frozen, random and shared
@@ -30,7 +30,7 @@ def _modes(layer: LayerKind) -> tuple[int, int, int, int]:
 class TeRA(AdapterMethod):
     name = "tera"
     summary = "Frozen random Tucker network over the tensorised ΔW; per-layer trained diagonal scalings"
-    paper = ""  # arXiv id not verified offline; see the docstring
+    paper = "2509.03234"
     param_formula = "o₁ + o₂ + i₁ + i₂ (out = o₁o₂, in = i₁i₂)"
     suggested_lr = 1e-2
     layer_kinds = ("linear", "hf-conv1d")

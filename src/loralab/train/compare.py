@@ -78,9 +78,9 @@ def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int 
         step_ms = 1000 * trainer.history[-1]["elapsed_s"] / budget
         rows.append(Row(method, lr, score, evaluate(model, test, data.kind, 128, pad)["accuracy"],
                         trainable_parameters(model).trainable, step_ms, memory))
+        write_results(rows, Path(out_dir), f"{task} accuracy")  # after each method: a cut-off run keeps its rows
         if progress:
             print(f"{method}: test accuracy {rows[-1].test_metric:.4f} at lr {lr:g}")
-    write_results(rows, Path(out_dir), f"{task} accuracy")
     return rows
 
 
