@@ -1,11 +1,13 @@
 """Adapter files in HF PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
 
 Tensor keys are PEFT's (`base_model.model.<module>.lora_A.weight`, …) and so are the config
-fields (`peft_type`, `r`, `lora_alpha`, `target_modules`, `use_dora`, `use_rslora`, …), so
-`peft.PeftModel.from_pretrained` reads what loralab writes and the other way round.
+fields (`peft_type`, `r`, `lora_alpha`, `target_modules`, `use_dora`, `use_rslora`, `rank_pattern`,
+`alpha_pattern`, …), so `peft.PeftModel.from_pretrained` reads what loralab writes and the other
+way round, per-layer ranks included (rank_pattern.py).
 Methods PEFT lacks use the same layout with `"peft_type": "LORALAB"` and a `loralab`
-section naming the method and its options. Every file is written to a temporary name and
-renamed into place, so an interrupted save never leaves a half-written adapter.
+section naming the method and its options; a method with a PEFT type of its own (BOFT) writes
+and reads PEFT's config for it (`peft_config` / `spec_from_peft`). Every file is written to a
+temporary name and renamed into place, so an interrupted save never leaves a half-written adapter.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from loralab.layers import SavedModule
 from loralab.methods.base import METHODS, check_shape
 from loralab.model import adapted_layers, add_adapter, get_spec, methods_of, remove_adapter, wrappers
+from loralab.rank_pattern import apply_patterns, layer_patterns
 from loralab.spec import AdapterSpec
 from loralab.targets import candidate_modules, matches
 
@@ -32,6 +35,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 SHARED = "loralab_shared."
 FORMAT_VERSION = 1
+PEFT_SHARED_FIELDS = ("task_type", "base_model_name_or_path", "target_modules", "exclude_modules", "bias",
+                      "modules_to_save", "fan_in_fan_out", "inference_mode", "layers_to_transform", "layers_pattern",
+                      "revision")  # what every PEFT config has, whatever its peft_type
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
 
@@ -71,9 +77,11 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
     method = METHODS.get(spec.method)
     layers = dict(adapted_layers(model, name))
     r, alpha = spec.r, spec.alpha
-    if _has_base_offset(model, name):
+    offset = _has_base_offset(model, name)
+    if offset:
         r = 2 * spec.r
         alpha = spec.scale * (math.sqrt(r) if spec.rslora else r)
+    rank_pattern, alpha_pattern = layer_patterns(methods_of(model, name), r, alpha, spec.rslora, 2 if offset else 1)
     config: dict[str, Any] = {
         "peft_type": "LORA" if method.peft_type == "LORA" else "LORALAB",
         "task_type": _task_type(model),
@@ -90,13 +98,15 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
         "fan_in_fan_out": any(layer.kind.name == "hf-conv1d" for layer in layers.values()),
         "init_lora_weights": True,
         "inference_mode": True,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "layers_to_transform": None,
         "layers_pattern": None,
         "lora_bias": False,
         "revision": None,
     }
+    if method.peft_type not in (None, "LORA"):  # PEFT's own format for the method (BOFT): its fields, not LoRA's
+        return {**{k: config[k] for k in PEFT_SHARED_FIELDS}, **method.peft_config(spec)}
     if config["peft_type"] == "LORALAB":
         config["loralab"] = {"format_version": FORMAT_VERSION, "method": spec.method,
                              "options": spec.options, "init": spec.init}
@@ -186,16 +196,24 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix(PREFIX): v for k, v in tensors.items()}
 
 
-def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
-    """An AdapterSpec from a PEFT- or loralab-written adapter_config.json."""
+def spec_from_config(config: dict[str, Any], per_layer: bool = False) -> AdapterSpec:
+    """An AdapterSpec from a PEFT- or loralab-written adapter_config.json. Per-layer ranks and scales
+    (rank_pattern, alpha_pattern) are refused unless the caller applies them (`per_layer=True`)."""
     peft_type = config.get("peft_type")
-    if peft_type not in ("LORA", "LORALAB"):
-        raise ValueError(f"peft_type {peft_type!r} is not supported; loralab reads LORA and LORALAB adapters")
+    formats = _peft_formats()
+    if peft_type not in ("LORA", "LORALAB", *formats):
+        raise ValueError(f"peft_type {peft_type!r} is not supported; loralab reads "
+                         f"{', '.join(['LORA', 'LORALAB', *sorted(formats)])} adapters")
     for field in ("rank_pattern", "alpha_pattern"):
-        if config.get(field):
-            raise ValueError(f"adapter_config.json sets {field}, which loralab does not read yet")
+        if config.get(field) and not per_layer:
+            raise ValueError(f"adapter_config.json sets {field} (per-layer ranks or scales), which this reader does "
+                             "not handle; loralab.load_adapter does")
     if config.get("layers_to_transform") is not None:
         raise ValueError("adapter_config.json sets layers_to_transform, which loralab does not read yet")
+    shared = dict(targets=config["target_modules"], exclude=config.get("exclude_modules"),
+                  bias=config.get("bias") or "none", modules_to_save=list(config.get("modules_to_save") or []))
+    if peft_type in formats:
+        return AdapterSpec(**{**shared, **formats[peft_type].spec_from_peft(config)})
     extra = config.get("loralab") or {}
     method = extra.get("method") or ("dora" if config.get("use_dora") else "lora")
     return AdapterSpec(
@@ -203,23 +221,27 @@ def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
         r=int(config["r"]),
         alpha=float(config.get("lora_alpha", config["r"])),
         dropout=float(config.get("lora_dropout") or 0.0),
-        targets=config["target_modules"],
-        exclude=config.get("exclude_modules"),
-        bias=config.get("bias") or "none",
-        modules_to_save=list(config.get("modules_to_save") or []),
         rslora=bool(config.get("use_rslora")),
         options=dict(extra.get("options") or {}),
+        **shared,
     )
+
+
+def _peft_formats() -> dict[str, type]:
+    """peft_type → method, for the methods saved in a PEFT format of their own (not LORA's)."""
+    return {cls.peft_type: cls for _, cls in METHODS.items() if cls.peft_type not in (None, "LORA")}
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
                  activate: bool = True) -> nn.Module:
     """Attach the adapter saved in `path` (by loralab or by PEFT) under `name`; returns the model."""
     config = read_config(path)
-    spec = spec_from_config(config)
+    spec = spec_from_config(config, per_layer=True)
     tensors = read_tensors(path)
     add_adapter(model, spec, name, activate=activate)
     try:
+        if config.get("peft_type") not in _peft_formats():  # per-layer ranks are LoRA's
+            apply_patterns(methods_of(model, name), config, spec.rslora)
         _fill(model, name, tensors, spec)
     except Exception:
         remove_adapter(model, name)

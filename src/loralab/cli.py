@@ -33,6 +33,8 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", default="gaussian", help="initialiser (see `loralab methods`), default gaussian")
     g.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rsLoRA)")
     g.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method option; repeatable")
+    g.add_argument("--init-option", action="append", metavar="KEY=VALUE",
+                   help="an initialiser option, e.g. rho=2 for eva; repeatable")
     g.add_argument("--calibration-batches", type=int, default=8,
                    help="training batches that data-driven inits (lora-ga, eva, corda) look at")
 
@@ -47,7 +49,7 @@ def spec_from_args(args: argparse.Namespace, modules_to_save: list[str] | None =
         targets = [targets]
     return AdapterSpec(method=args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=targets,
                        init=args.init, rslora=args.rslora, modules_to_save=modules_to_save or [],
-                       options=_parse_options(args.option))
+                       options=_parse_options(args.option), init_options=_parse_options(args.init_option))
 
 
 def add_data_args(p: argparse.ArgumentParser, train: bool) -> None:

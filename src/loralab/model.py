@@ -128,7 +128,7 @@ def add_adapter(
         current.add(name, method)
         method.attach(current)
     state.specs[name] = spec
-    init(model, new, InitContext(calibration, calibration_batches, loss_fn))
+    init(model, new, InitContext(calibration, calibration_batches, loss_fn, spec.init_options))
     set_active(model, name if activate else state.active)
     return model
 

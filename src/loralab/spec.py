@@ -19,7 +19,7 @@ class AdapterSpec:
     targets: module-name suffixes as PEFT matches them (["q_proj", "v_proj"]), a regular
              expression matched against the full module name, or "all-linear" (every linear
              layer except the output head).
-    init:    a registered initialiser (`loralab.list_inits()`).
+    init:    a registered initialiser (`loralab.list_inits()`); init_options: its settings (e.g. EVA's rho).
     bias:    "none", "all" (train every bias of the model) or "lora_only" (biases of adapted layers).
     modules_to_save: module-name suffixes trained in full and saved with the adapter (e.g. "classifier").
     exclude: module-name suffixes or a regex never adapted, even when targets match them.
@@ -38,12 +38,14 @@ class AdapterSpec:
     exclude: str | list[str] | None = None
     rslora: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    init_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
         self.modules_to_save = list(self.modules_to_save or [])
         self.options = dict(self.options or {})
+        self.init_options = dict(self.init_options or {})
         self.validate()
 
     def validate(self) -> None:

@@ -3,13 +3,14 @@
 An initialiser is a callable `(model, adapted, context) -> None` registered by name. It
 sees every (module path, method) pair of the new adapter at once, because data-driven
 initialisers (LoRA-GA, EVA, CorDA, …) need model-wide forward or backward passes; the
-context carries the calibration batches and their budget.
+context carries the calibration batches, their budget and the init's options
+(`AdapterSpec.init_options`, checked against the defaults the initialiser declares).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ class InitContext:
     calibration: Iterable[Any] | None = None  # batches (dicts of tensors) for data-driven inits
     budget: int = 8  # how many calibration batches to use
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None  # default: model(**batch).loss
+    options: dict[str, Any] = field(default_factory=dict)  # AdapterSpec.init_options
 
 
 InitFn = Callable[[nn.Module, list[tuple[str, AdapterMethod]], InitContext], None]
@@ -35,22 +37,29 @@ class Initialiser:
     summary: str
     paper: str = ""  # arXiv id
     needs_data: bool = False  # refuses to run without calibration batches
+    name: str = ""
+    options: dict[str, Any] = field(default_factory=dict)  # the options it takes, with their defaults
 
     def __call__(self, model: nn.Module, adapted: list[tuple[str, AdapterMethod]], context: InitContext) -> None:
+        unknown = sorted(set(context.options) - set(self.options))
+        if unknown:
+            raise ValueError(f"init {self.name!r} does not take option(s) {unknown}; "
+                             f"it takes: {', '.join(sorted(self.options)) or 'none'}")
         if self.needs_data and context.calibration is None:
             raise ValueError("this initialiser needs calibration data: pass calibration=<batches> to add_adapter "
                              "(or --calibration-batches N on the command line)")
-        self.fn(model, adapted, context)
+        self.fn(model, adapted, replace(context, options={**self.options, **context.options}))
 
 
 INITS: Registry[Initialiser] = Registry("init", "loralab.inits")
 
 
-def initialiser(name: str, summary: str, paper: str = "", needs_data: bool = False) -> Callable[[InitFn], InitFn]:
-    """Register `fn` as init `name`."""
+def initialiser(name: str, summary: str, paper: str = "", needs_data: bool = False,
+                options: dict[str, Any] | None = None) -> Callable[[InitFn], InitFn]:
+    """Register `fn` as init `name`; `options` are the init_options it takes, with their defaults."""
 
     def add(fn: InitFn) -> InitFn:
-        INITS.register(name)(Initialiser(fn, summary, paper, needs_data))
+        INITS.register(name)(Initialiser(fn, summary, paper, needs_data, name, dict(options or {})))
         return fn
 
     return add

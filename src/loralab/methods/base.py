@@ -122,6 +122,18 @@ class AdapterMethod(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def peft_config(cls, spec: AdapterSpec) -> dict[str, Any]:
+        """For a `peft_type` other than LORA: PEFT's adapter_config.json fields for this method's settings
+        (`peft_type` included), added to the fields every PEFT config has (targets, bias, …)."""
+        raise NotImplementedError
+
+    @classmethod
+    def spec_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """For a `peft_type` other than LORA: the AdapterSpec fields (method, r, options, …) that PEFT's
+        adapter_config.json gives, besides targets, exclude, bias and modules_to_save."""
+        raise NotImplementedError
+
+    @classmethod
     def expected_shared_params(cls, spec: AdapterSpec, layers: list[LayerKind]) -> int:
         """The paper's count for the parameters shared across layers (0 if none)."""
         return 0

@@ -2,10 +2,11 @@
 silver bullet for extreme efficient low-rank fine-tuning"): only the r×r core R between a
 frozen B and A trains, ΔW = s · B R A.
 
-B and A start orthonormal from the top-r singular vectors of the base weight (option
-`basis="weight"`; the paper derives them from an approximation of the first full fine-tuning
-update — a data-driven init left for later), R = 0 so the output is unchanged at the start.
-Unlike LoRA-XS, B carries no singular values, so R's entries act directly on an orthonormal basis.
+B and A start orthonormal from the top-r singular vectors of the base weight, R = 0, so the output
+is unchanged at the start. The paper's own start, from the SVD of an approximation of the first full
+fine-tuning update on calibration data, is `init="lora-sb"` (inits/lora_sb.py), which overwrites
+B, A and R. Unlike LoRA-XS, B carries no singular values, so R's entries act directly on an
+orthonormal basis.
 """
 
 from __future__ import annotations

@@ -18,9 +18,29 @@ from loralab.spec import AdapterSpec
 
 
 def cayley(q: torch.Tensor) -> torch.Tensor:
-    """(I + Q)(I − Q)⁻¹ for a batch of skew-symmetric matrices [n, b, b]: orthogonal."""
+    """(I + Q)(I − Q)⁻¹ for a batch of skew-symmetric matrices [..., b, b]: orthogonal."""
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
     return torch.linalg.solve(eye - q, eye + q, left=False)
+
+
+def skew_from_upper(upper: torch.Tensor, block: int) -> torch.Tensor:
+    """The skew-symmetric matrices [..., b, b] whose strict upper triangles are `upper` [..., b(b−1)/2]."""
+    rows, cols = torch.triu_indices(block, block, offset=1, device=upper.device)
+    q = upper.new_zeros(*upper.shape[:-1], block, block)
+    q[..., rows, cols] = upper
+    return q - q.transpose(-1, -2)
+
+
+def cayley_from_upper(upper: torch.Tensor, block: int) -> torch.Tensor:
+    """The orthogonal blocks [..., b, b] whose skew-symmetric Q has strict upper triangle `upper`."""
+    return cayley(skew_from_upper(upper, block))
+
+
+def rotate_blocks(x: torch.Tensor, rotations: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """R x (or Rᵀ x) for x [..., n·b] and R = blockdiag(rotations [n, b, b]): block k of x times R_k."""
+    blocks = x.reshape(*x.shape[:-1], *rotations.shape[:2])
+    pattern = "...kj,kji->...ki" if transpose else "...kj,kij->...ki"
+    return torch.einsum(pattern, blocks, rotations).reshape(x.shape)
 
 
 @METHODS.register("oft")
@@ -37,10 +57,7 @@ class OFT(AdapterMethod):
         if layer.in_features % spec.r:
             raise ValueError(f"oft needs r (the number of blocks) to divide in={layer.in_features}, got r={spec.r}")
         self.block = layer.in_features // spec.r
-        rows, cols = torch.triu_indices(self.block, self.block, offset=1)
-        self.register_buffer("upper_rows", rows, persistent=False)
-        self.register_buffer("upper_cols", cols, persistent=False)
-        self.oft_Q = nn.Parameter(torch.zeros(spec.r, rows.numel(), dtype=layer.weight.dtype,
+        self.oft_Q = nn.Parameter(torch.zeros(spec.r, self.block * (self.block - 1) // 2, dtype=layer.weight.dtype,
                                               device=layer.weight.device))
 
     @classmethod
@@ -52,15 +69,11 @@ class OFT(AdapterMethod):
 
     def rotations(self) -> torch.Tensor:
         """The r orthogonal blocks [r, b, b]."""
-        q = self.oft_Q.new_zeros(self.r, self.block, self.block)
-        q[:, self.upper_rows, self.upper_cols] = self.oft_Q
-        return cayley(q - q.transpose(1, 2))
+        return cayley_from_upper(self.oft_Q, self.block)
 
     def rotate(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """R x (or Rᵀ x) for x [..., in], block k of x times block k of R."""
-        blocks = x.reshape(*x.shape[:-1], self.r, self.block)
-        pattern = "...kj,kji->...ki" if transpose else "...kj,kij->...ki"
-        return torch.einsum(pattern, blocks, self.rotations()).reshape(x.shape)
+        return rotate_blocks(x, self.rotations(), transpose)
 
     def forward(self, x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
         x = self.drop(x)

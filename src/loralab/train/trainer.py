@@ -4,8 +4,8 @@ data parallelism under torchrun (DDP; gloo on CPU).
 
 Exact resume: the data order is a seeded permutation per epoch and the loop tracks
 (epoch, position) itself, and every checkpoint holds the trainable parameters, optimiser and
-scheduler state and all RNG states, so a resumed run takes the same steps as an
-uninterrupted one.
+scheduler state, the rank schedule's state and all RNG states, so a resumed run takes the same
+steps as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -148,10 +148,12 @@ class Trainer:
         self.eval_data = list(eval_data) if eval_data else None
         self.collate = collate_fn or partial(collate, pad_token_id=pad_token_id)
         self.callbacks = list(callbacks)
+        self.rank_schedule = None
         if self.config.rank_schedule:
             from loralab.train.rank import get_rank_schedule
 
-            self.callbacks.append(get_rank_schedule(self.config.rank_schedule)(model, self.config))
+            self.rank_schedule = get_rank_schedule(self.config.rank_schedule)(model, self.config)
+            self.callbacks.append(self.rank_schedule)
         self.on_save = on_save
         self.rank, self.world = _distributed()
         if self.config.batch_size % self.world:
@@ -343,7 +345,9 @@ class Trainer:
             trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
             save_file(trainable, str(tmp / "trainable.safetensors"))
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": _rng_state()}, tmp / "state.pt")
+                        "rng": _rng_state(),
+                        "rank_schedule": self.rank_schedule.state_dict() if self.rank_schedule else None},
+                       tmp / "state.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(
                 {"step": self.step, "epoch": self.epoch, "position": self.position,
                  "config": asdict(self.config)}, indent=2))
@@ -378,6 +382,14 @@ class Trainer:
         if not state_file.is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint (no trainer_state.json)")
         meta = json.loads(state_file.read_text())
+        saved_schedule = meta["config"].get("rank_schedule")
+        if saved_schedule != self.config.rank_schedule:
+            raise ValueError(f"checkpoint {path} was trained with rank_schedule={saved_schedule!r}, this run has "
+                             f"{self.config.rank_schedule!r}: resume with the same rank schedule")
+        state = torch.load(path / "state.pt", weights_only=False)
+        if self.rank_schedule is not None:  # first: a schedule may have reshaped parameters (LoRA-Squeeze)
+            self.rank_schedule.load_state_dict(state["rank_schedule"])
+            self.rebuild_optimizer()
         params = dict(self.model.named_parameters())
         saved = load_file(str(path / "trainable.safetensors"))
         missing = sorted(n for n, p in params.items() if p.requires_grad and n not in saved)
@@ -386,7 +398,6 @@ class Trainer:
         with torch.no_grad():
             for name, t in saved.items():
                 params[name].copy_(t)
-        state = torch.load(path / "state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])

@@ -4,7 +4,9 @@ callbacks that prune, grow or sample adapter ranks during training. One file eac
 A schedule is a class built with (model, config) whose hooks the Trainer calls:
 `on_step_begin(trainer, step)`, `on_before_step(trainer)` (gradients ready, before clipping
 and the optimiser step), `on_step_end(trainer, step, logs)` and `on_train_end(trainer)`;
-its options come from `config.rank_options`.
+its options come from `config.rank_options`. Schedules derive from `RankSchedule`, whose
+`state_dict()` / `load_state_dict()` carry what they change during training and no trainable
+parameter holds (importance averages, masks, …), so a resumed run is exact.
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ from loralab.model import wrappers
 from loralab.registry import Registry
 
 RANK_SCHEDULES: Registry[type] = Registry("rank schedule", "loralab.train.rank")
+
+
+class RankSchedule:
+    """The base of every rank schedule: the state a trainer checkpoint keeps (by default none)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the schedule changed during training that is not a trainable parameter."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; the trainer calls it before it loads the parameters and the optimiser."""
 
 
 def get_rank_schedule(name: str) -> type:

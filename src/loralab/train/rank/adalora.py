@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from loralab.train.rank import RANK_SCHEDULES, check_options, methods_named
-from loralab.train.rank.importance import TripletImportance
+from loralab.train.rank.importance import TripletImportance, TripletSchedule
 
 OPTIONS = {"target_rank": None, "warmup": None, "final": None, "interval": 10, "beta1": 0.85, "beta2": 0.85,
            "orth_reg": 0.1}
@@ -31,7 +31,7 @@ def budget_at(step: int, total_steps: int, initial: int, target: int, warmup: in
 
 
 @RANK_SCHEDULES.register("adalora")
-class AdaLoRASchedule:
+class AdaLoRASchedule(TripletSchedule):
     def __init__(self, model: nn.Module, config: Any) -> None:
         self.options = check_options(config.rank_options, OPTIONS, "adalora")
         self.methods = methods_named(model, "adalora", "adalora")

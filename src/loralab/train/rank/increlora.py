@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from loralab.train.rank import RANK_SCHEDULES, check_options, methods_named
-from loralab.train.rank.importance import TripletImportance
+from loralab.train.rank.importance import TripletImportance, TripletSchedule
 
 OPTIONS = {"target_rank": None, "interval": 10, "grow": 1, "warmup": 0, "beta1": 0.85, "beta2": 0.85}
 
 
 @RANK_SCHEDULES.register("increlora")
-class IncreLoRASchedule:
+class IncreLoRASchedule(TripletSchedule):
     def __init__(self, model: nn.Module, config: Any) -> None:
         self.options = check_options(config.rank_options, OPTIONS, "increlora")
         self.methods = methods_named(model, "adalora", "increlora")

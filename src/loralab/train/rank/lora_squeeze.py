@@ -29,8 +29,9 @@ from loralab.checkpoint import (
     spec_from_config,
 )
 from loralab.model import state_of
+from loralab.rank_pattern import set_factors
 from loralab.spec import AdapterSpec
-from loralab.train.rank import RANK_SCHEDULES, check_options, methods_named
+from loralab.train.rank import RANK_SCHEDULES, RankSchedule, check_options, methods_named
 
 
 def truncate_factors(a: torch.Tensor, b: torch.Tensor, scale: float, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,17 +78,16 @@ def squeeze_adapter(path: str | os.PathLike, rank: int, out_dir: str | os.PathLi
 def squeeze_method(method: nn.Module, rank: int) -> None:
     """Replace a live LoRA method's factors by their rank-k truncation (new, smaller parameters)."""
     new_a, new_b = truncate_factors(method.lora_A, method.lora_B, method.scale, rank)
-    method.scale = 1.0  # carried by the new factors
-    method.lora_A = nn.Parameter(new_a.contiguous())
-    method.lora_B = nn.Parameter(new_b.contiguous())
-    method.r = rank
+    set_factors(method, new_a, new_b, scale=1.0)  # the scale is carried by the new factors
 
 
 @RANK_SCHEDULES.register("lora-squeeze")
-class LoRASqueezeSchedule:
+class LoRASqueezeSchedule(RankSchedule):
     def __init__(self, model: nn.Module, config: Any) -> None:
         self.options = check_options(config.rank_options, {"rank": None, "at": None}, "lora-squeeze")
+        self.model = model
         self.methods = methods_named(model, "lora", "lora-squeeze")
+        self.squeezed = False
         r = self.methods[0].r
         self.rank = self.options["rank"] or max(1, r // 2)
         if not 1 <= self.rank <= r:
@@ -97,11 +97,23 @@ class LoRASqueezeSchedule:
     def on_step_end(self, trainer: Any, step: int, logs: dict) -> None:
         if step != self.at:
             return
+        self._squeeze()
+        trainer.rebuild_optimizer()
+        logs["squeezed_to"] = self.rank
+
+    def _squeeze(self) -> None:
         for m in self.methods:
             squeeze_method(m, self.rank)
-        specs = state_of(trainer.model).specs
+        specs = state_of(self.model).specs
         for name, spec in specs.items():
             if spec.method == "lora":
                 specs[name] = AdapterSpec(**{**spec.to_dict(), "r": self.rank, "alpha": self.rank, "rslora": False})
-        trainer.rebuild_optimizer()
-        logs["squeezed_to"] = self.rank
+        self.squeezed = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"squeezed": self.squeezed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A checkpoint taken after the squeeze holds rank-k factors: squeeze first so they fit."""
+        if state["squeezed"] and not self.squeezed:
+            self._squeeze()

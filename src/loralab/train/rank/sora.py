@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from loralab.train.rank import RANK_SCHEDULES, check_options, methods_named
+from loralab.train.rank import RANK_SCHEDULES, RankSchedule, check_options, methods_named
 
 
 @RANK_SCHEDULES.register("sora")
-class SoRASchedule:
+class SoRASchedule(RankSchedule):
     def __init__(self, model: nn.Module, config: Any) -> None:
         self.options = check_options(config.rank_options, {"sparsity": 1e-3}, "sora")
         self.methods = methods_named(model, "sora", "sora")
