@@ -374,6 +374,26 @@ def analyze_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+
+# ---- serve ---------------------------------------------------------------------------------
+def serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default="smollm2-135m", help="embedded causal LM name or local HF model folder")
+    p.add_argument("--adapters", help="folder of PEFT-format LoRA adapters, each registered under its relative path; "
+                                      "POST /v1/adapters adds folders under it while the server runs")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-loaded", type=int, default=64, help="adapters resident at once (least recently used "
+                                                               "evicted)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+
+
+def serve_cmd(args: argparse.Namespace) -> int:
+    from loralab.serve.server import serve
+
+    serve(args.base, args.adapters, args.host, args.port, args.max_loaded, args.max_batch, args.max_queue)
+    return 0
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
     "train": ("fine-tune an adapter on a built-in task or your own data and save it", train_args, train),
@@ -391,6 +411,8 @@ COMMANDS: dict[str, Command] = {
     "analyze": ("plots and an HTML report of an adapter: norms, ranks, spectra, intruders, similarity",
                 analyze_args, analyze_cmd),
     "merge": ("fold an adapter into its base model and write a plain transformers model folder", merge_args, merge),
+    "serve": ("serve the base model and many adapters, mixed in every batch, behind an OpenAI-compatible HTTP API",
+              serve_args, serve_cmd),
 }
 
 

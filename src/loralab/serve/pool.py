@@ -161,6 +161,13 @@ class AdapterPool:
             self._entries[name] = _Entry(name, resolved, spec.r, spec.scale)
             self.rejected.pop(name, None)
 
+    def verify(self, name: str) -> None:
+        """Read and check `name`'s files against the base model without loading it; raises
+        AdapterLoadError saying what does not fit (a corrupt file, a tensor of the wrong shape)."""
+        with self._lock:
+            entry = self._entry(name)
+        self._read(entry)
+
     def remove(self, name: str) -> None:
         """Unregister `name`; its slot is freed now, or when the last request using it finishes."""
         with self._lock:
