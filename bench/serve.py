@@ -1,4 +1,4 @@
-"""Generation throughput of the multi-adapter engine on SmolLM2-135M vs the base model alone and vs HF PEFT.
+"""Generation throughput of the multi-adapter engine on SmolLM2-135M against the naive ways.
 
 N LoRA adapters (ranks cycling 8, 16, 32, 64 on the q/k/v/o projections, random non-zero B)
 serve `--requests` AG News prompts whose adapters are drawn uniformly or by Zipf popularity
@@ -6,20 +6,25 @@ serve `--requests` AG News prompts whose adapters are drawn uniformly or by Zipf
 producing exactly `--max-tokens` greedy tokens per request (EOS ignored):
 
 - engine: `loralab.serve.Engine`, every request with its own adapter, all in one batch;
-- engine, no adapters: the same engine with every request on the base model (its own overhead);
+- engine, one adapter: the same batch with every request on one adapter (the goal: mixing
+  N adapters costs little against this);
 - HF base: `model.generate` of the base model alone on the left-padded batch;
-- PEFT: `PeftModel` holding the N adapters, `model.generate(..., adapter_names=[...])`.
+- PEFT: `PeftModel` holding the N adapters, `model.generate(..., adapter_names=[...])`
+  (skipped above `--peft-max` adapters: PEFT keeps every adapter resident);
+- merge per adapter: a naive server that merges each adapter of the batch into the weights,
+  generates its requests, and unmerges.
 
-Speeds are median per-round ratios. `--kernels` instead times the BGMV and SGMV kernels on
-SmolLM2 layer shapes, the measurement behind `loralab.serve.batched_lora.choose_kernel`.
-Run: `.venv/bin/python bench/serve_engine.py` (about 5 minutes with the defaults).
+Speeds are median per-round ratios. `--registered 1000` also pushes requests for 1,000
+registered adapters through a pool of 64 and counts errors, misses and evictions. `--kernels`
+instead times the BGMV and SGMV kernels on SmolLM2 layer shapes, the measurement behind
+`loralab.serve.batched_lora.choose_kernel`.
+Run: `.venv/bin/python bench/serve.py` (about 10 minutes with the defaults).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import tempfile
 from pathlib import Path
 
@@ -27,13 +32,14 @@ import torch
 from common import interleaved, markdown_table
 
 import loralab as ll
+from loralab.checkpoint import read_config, read_tensors, spec_from_config
 from loralab.serve.batched_lora import RowSlots, SlotFactors, add_bgmv, add_sgmv
 from loralab.serve.engine import Engine, SamplingParams
 from loralab.serve.pool import AdapterPool
+from loralab.zoo import load_task
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RANKS = (8, 16, 32, 64)
-AG_NEWS = Path("/work/shared/data/agnews/test.tsv")
 
 
 def make_adapters(base: torch.nn.Module, root: Path, n: int) -> list[str]:
@@ -53,8 +59,7 @@ def make_adapters(base: torch.nn.Module, root: Path, n: int) -> list[str]:
 
 
 def prompts(tok, count: int, tokens: int) -> list[list[int]]:
-    with AG_NEWS.open() as f:
-        texts = [row[0] for row, _ in zip(csv.reader(f, delimiter="\t"), range(count))]
+    texts = [row["text"] for row in load_task("agnews", max_test=count).test]
     return [tok(t)["input_ids"][:tokens] for t in texts]
 
 
@@ -86,6 +91,32 @@ def engine_generate(engine: Engine, ids: list[list[int]], adapters: list[str | N
     return run
 
 
+def read_factors(model: torch.nn.Module, folder: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight of the layer, s·B A) for every layer the adapter in `folder` targets."""
+    scale = spec_from_config(read_config(folder)).scale
+    tensors = read_tensors(folder)
+    return [(model.get_submodule(key.split(".lora_A")[0]).weight, scale * tensors[key.replace("lora_A", "lora_B")]
+             @ a) for key, a in tensors.items() if ".lora_A." in key]
+
+
+def merge_per_adapter(model, tok, ids: list[list[int]], chosen: list[str], deltas: dict, max_tokens: int):
+    """The naive server: for each adapter in the batch, merge it, generate its requests, unmerge."""
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(chosen):
+        groups.setdefault(name, []).append(i)
+
+    def run():
+        with torch.inference_mode():
+            for name, rows in groups.items():
+                for weight, delta in deltas[name]:
+                    weight.add_(delta)
+                hf_generate(model, tok, [ids[i] for i in rows], max_tokens, {})()
+                for weight, delta in deltas[name]:
+                    weight.sub_(delta)
+
+    return run
+
+
 def serve_table(args) -> None:
     from peft import PeftModel
 
@@ -98,37 +129,66 @@ def serve_table(args) -> None:
         root = Path(tmp)
         names = make_adapters(base, root, max(args.adapters))
         plain = copy.deepcopy(base)
+        merged = copy.deepcopy(base)
         for n in args.adapters:
             served = copy.deepcopy(plain)  # the pool wraps its layers
-            engine = Engine(served, tok, AdapterPool(root, n, model=served, discover=False),
+            engine = Engine(served, tok, AdapterPool(root, min(n, 64), model=served, discover=False),
                             max_batch=args.requests)
-            peft = PeftModel.from_pretrained(base, root / names[0], adapter_name=names[0])
-            for name in names[1:n]:
-                peft.load_adapter(root / name, adapter_name=name)
             for name in names[:n]:
                 engine.pool.register(name)
+            peft = None
+            if n <= args.peft_max:
+                peft = PeftModel.from_pretrained(copy.deepcopy(plain), root / names[0], adapter_name=names[0])
+                for name in names[1:n]:
+                    peft.load_adapter(root / name, adapter_name=name)
             for kind in ("uniform", "zipf") if n > 1 else ("uniform",):
                 chosen = popularity(names[:n], args.requests, kind)
+                deltas = {name: read_factors(merged, root / name) for name in set(chosen)}
                 ours, theirs = {}, {}
                 contenders = {
                     "engine": engine_generate(engine, ids, chosen, args.max_tokens, ours),
-                    "engine, no adapters": engine_generate(engine, ids, [None] * len(ids), args.max_tokens, {}),
+                    "engine, one adapter": engine_generate(engine, ids, [names[0]] * len(ids), args.max_tokens, {}),
                     "HF base": hf_generate(plain, tok, ids, args.max_tokens, {}),
-                    "PEFT": hf_generate(peft, tok, ids, args.max_tokens, theirs, adapter_names=chosen),
+                    "merge per adapter": merge_per_adapter(merged, tok, ids, chosen, deltas, args.max_tokens),
                 }
+                if peft is not None:
+                    contenders["PEFT"] = hf_generate(peft, tok, ids, args.max_tokens, theirs, adapter_names=chosen)
                 res = interleaved(contenders, "engine", rounds=args.rounds, repeats=1, warmup=1)
-                agree = sum(o == p for o, p in zip(ours["tokens"], theirs["tokens"]))
-                rows.append([str(n), kind, str(len(set(chosen))), *(f"{tokens / res[c]['seconds']:.0f}" for c in res),
-                             f"{res['PEFT']['ratio']:.2f}x", f"{res['HF base']['ratio']:.2f}",
-                             f"{agree}/{len(ids)}"])
+                agree = f"{sum(o == p for o, p in zip(ours['tokens'], theirs['tokens']))}/{len(ids)}" if peft else "–"
+                speed = {c: tokens / res[c]["seconds"] for c in res}
+                rows.append([str(n), kind, str(len(set(chosen))), f"{speed['engine']:.0f}",
+                             f"{1 / res['engine, one adapter']['ratio']:.2f}x",
+                             f"{res['PEFT']['ratio']:.2f}x" if peft else "–",
+                             f"{res['merge per adapter']['ratio']:.2f}x", f"{1 / res['HF base']['ratio']:.2f}x",
+                             agree])
                 print(rows[-1], flush=True)
-            peft.unload()
+        if args.registered:
+            rows.append(registered_run(plain, tok, root, names, ids, args))
     print(f"\nSmolLM2-135M, {args.requests} requests x {args.max_tokens} greedy tokens, "
           f"prompts of {args.prompt_tokens} tokens, LoRA ranks {RANKS} on {', '.join(TARGETS)}, "
           f"{args.threads} thread(s), median of {args.rounds} interleaved rounds")
-    print(markdown_table(["adapters", "popularity", "distinct in batch", "engine tok/s", "engine no-adapter tok/s",
-                          "HF base tok/s", "PEFT tok/s", "engine speed-up over PEFT", "engine / HF base speed",
-                          "greedy tokens equal to PEFT's"], rows))
+    print(markdown_table(["adapters", "popularity", "distinct in batch", "engine tok/s",
+                          "engine speed vs one adapter", "speed-up over PEFT", "speed-up over merge per adapter",
+                          "speed vs HF base", "greedy tokens equal to PEFT's"], rows))
+
+
+def registered_run(plain, tok, root: Path, names: list[str], ids: list[list[int]], args) -> list[str]:
+    """`args.registered` adapter names (over the folders made) served through a pool of 64: errors, misses."""
+    served = copy.deepcopy(plain)
+    engine = Engine(served, tok, AdapterPool(root, 64, model=served, discover=False), max_batch=args.requests)
+    registered = [f"tenant{i:04d}" for i in range(args.registered)]
+    for i, name in enumerate(registered):
+        engine.pool.register(name, root / names[i % len(names)])
+    chosen = popularity(registered, 8 * len(ids), "zipf", seed=1)
+    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+    out = engine.generate([(ids[i % len(ids)], a, params) for i, a in enumerate(chosen)])
+    errors = sum(o.finish_reason == "error" for o in out)
+    stats = engine.pool.stats()
+    print(f"{args.registered} registered, pool of 64: {len(out)} requests, {errors} errors, {stats.hits} hits, "
+          f"{stats.misses} misses, {stats.evictions} evictions", flush=True)
+    return [f"{args.registered} registered, 64 loaded", "zipf", str(len(set(chosen))), "–",
+            f"{errors} errors in {len(out)} requests", "–", "–", f"{stats.misses} misses, {stats.evictions} evictions",
+            "–"]
 
 
 def kernel_table(args) -> None:
@@ -154,7 +214,9 @@ def kernel_table(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64, 512])
+    ap.add_argument("--peft-max", type=int, default=64, help="the most adapters PEFT is asked to hold")
+    ap.add_argument("--registered", type=int, default=1000, help="adapters registered for the pool run (0: skip)")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=10)
     ap.add_argument("--prompt-tokens", type=int, default=16)
