@@ -29,17 +29,19 @@ def test_each_token_takes_its_top_expert():
     got = net(x)
     layer0 = net[0]
     h = []
-    for row in x:  # layer 0 by hand: the expert with the highest router score applies its own ΔW
-        e = ["math", "code"][int((layer0.adapters["router"].router @ row).argmax())]
+    for row in x:  # layer 0 by hand: the top expert applies its ΔW, weighted by its softmax probability
+        scores = layer0.adapters["router"].router @ row
+        e = ["math", "code"][int(scores.argmax())]
         m = layer0.adapters[e]
-        h.append(layer0.base_layer(row) + m.scale * m.lora_B @ m.lora_A @ row)
+        h.append(layer0.base_layer(row) + scores.softmax(0).max() * m.scale * m.lora_B @ m.lora_A @ row)
     h = torch.tanh(torch.stack(h))
     layer2 = net[2]
     want = []
     for row in h:
-        e = ["math", "code"][int((layer2.adapters["router"].router @ row).argmax())]
+        scores = layer2.adapters["router"].router @ row
+        e = ["math", "code"][int(scores.argmax())]
         m = layer2.adapters[e]
-        want.append(layer2.base_layer(row) + m.scale * m.lora_B @ m.lora_A @ row)
+        want.append(layer2.base_layer(row) + scores.softmax(0).max() * m.scale * m.lora_B @ m.lora_A @ row)
     torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=1e-4)
 
 
@@ -59,3 +61,11 @@ def test_only_gate_trains_and_reloads(tmp_path):
     for name in ("math", "code", "router"):
         ll.load_adapter(fresh, tmp_path / name, name=name)
     torch.testing.assert_close(fresh(x), net(x), atol=1e-6, rtol=1e-5)
+
+
+def test_a_top_1_gate_still_learns_from_the_task_loss():
+    net = model_with_experts()
+    add_router(net, ["math", "code"], top_k=1)
+    net(torch.randn(6, 8)).pow(2).sum().backward()
+    grads = [p.grad for n, p in net.named_parameters() if ".router." in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

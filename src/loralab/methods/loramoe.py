@@ -2,7 +2,9 @@
 the MoE-LoRA family, e.g. MixLoRA arXiv 2404.15159).
 
 For each token x, a trained router G (experts × in) scores the E experts, the top-k are kept
-and softmax-weighted, and the layer adds Σ_{e∈top-k} g_e(x) · s·B_e A_e x. A Switch-style
+and softmax-weighted (top-1: weighted by its full-softmax probability, as in Switch
+Transformer, so the router learns from the task loss), and the layer adds
+Σ_{e∈top-k} g_e(x) · s·B_e A_e x. A Switch-style
 load-balancing loss, E·Σ_e f_e·P_e (f_e: share of tokens routed to e, P_e: mean router
 probability), weighted by option `balance`, is recorded for the trainer to add. The update
 depends on x, so there is no single ΔW to merge: merging is refused. Options: experts, top_k,
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
+from loralab.methods._routing import top_k_gates
 from loralab.methods.base import METHODS, AdapterMethod
 from loralab.spec import AdapterSpec
 
@@ -49,10 +52,9 @@ class LoRAMoE(AdapterMethod):
         return e * self.r * (self.layer.in_features + self.layer.out_features) + e * self.layer.in_features
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """[tokens, E] routing weights: softmax over each token's top-k experts, zero elsewhere."""
+        """[tokens, E] routing weights on each token's top-k experts, zero elsewhere (methods/_routing.py)."""
         logits = F.linear(x, self.router)
-        top, index = logits.topk(self.options["top_k"], dim=-1)
-        gates = torch.zeros_like(logits).scatter(-1, index, top.softmax(-1))
+        gates = top_k_gates(logits, self.options["top_k"])
         if self.training and self.options["balance"]:
             probs = logits.softmax(-1).reshape(-1, logits.shape[-1])
             share = (gates.reshape(-1, logits.shape[-1]) > 0).float().mean(0)

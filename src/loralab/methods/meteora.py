@@ -2,8 +2,10 @@
 frozen (Xu et al., arXiv 2405.13053, "MeteoRA: Multiple-tasks Embedded LoRA for Large Language Models").
 
 In every layer that holds the named expert adapters, a router G (E × in) scores them for
-each token; the layer adds Σ_{e∈top-k} softmax(G x)_e · Δ_e(x), where Δ_e is expert e's own
-unmerged change. Only G trains. Build it with `loralab.compose.add_router(model, experts)`
+each token; the layer adds Σ_{e∈top-k} g_e(x) · Δ_e(x), where Δ_e is expert e's own unmerged
+change and g the softmax over the top-k logits (top-1: the chosen expert's full-softmax
+probability, so the gate still learns; see methods/_routing.py). Only G trains. Build it with
+`loralab.compose.add_router(model, experts)`
 (or `AdapterSpec(method="meteora", options={"experts": [...]})` once the experts are attached);
 save and load it like any adapter, after loading its experts under the same names.
 """
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
+from loralab.methods._routing import top_k_gates
 from loralab.methods.base import METHODS, AdapterMethod
 from loralab.spec import AdapterSpec
 
@@ -59,8 +62,7 @@ class MeteoraGate(AdapterMethod):
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.router)
-        top, index = logits.topk(self.options["top_k"], dim=-1)
-        return torch.zeros_like(logits).scatter(-1, index, top.softmax(-1))
+        return top_k_gates(logits, self.options["top_k"])
 
     def forward(self, x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
         gates = self.gates(x)
