@@ -1,8 +1,9 @@
 """Generation throughput of the multi-adapter engine on SmolLM2-135M against the naive ways.
 
 N LoRA adapters (ranks cycling 8, 16, 32, 64 on the q/k/v/o projections, random non-zero B)
-serve `--requests` AG News prompts whose adapters are drawn uniformly or by Zipf popularity
-(p ∝ 1/rank). Contenders, timed round by round in rotating order (bench/common.py), each
+serve `--requests` AG News prompts whose adapters are assigned round-robin (every adapter
+equally often, so a batch of at least N requests mixes all N), drawn uniformly at random, or by
+Zipf popularity (p ∝ 1/rank). Contenders, timed round by round in rotating order (bench/common.py), each
 producing exactly `--max-tokens` greedy tokens per request (EOS ignored):
 
 - engine: `loralab.serve.Engine`, every request with its own adapter, all in one batch;
@@ -64,6 +65,8 @@ def prompts(tok, count: int, tokens: int) -> list[list[int]]:
 
 
 def popularity(names: list[str], count: int, kind: str, seed: int = 0) -> list[str]:
+    if kind == "round-robin":
+        return [names[i % len(names)] for i in range(count)]
     weights = torch.ones(len(names)) if kind == "uniform" else 1.0 / torch.arange(1, len(names) + 1)
     picks = torch.multinomial(weights, count, replacement=True, generator=torch.Generator().manual_seed(seed))
     return [names[i] for i in picks.tolist()]
@@ -141,7 +144,7 @@ def serve_table(args) -> None:
                 peft = PeftModel.from_pretrained(copy.deepcopy(plain), root / names[0], adapter_name=names[0])
                 for name in names[1:n]:
                     peft.load_adapter(root / name, adapter_name=name)
-            for kind in ("uniform", "zipf") if n > 1 else ("uniform",):
+            for kind in args.popularity if n > 1 else ("uniform",):
                 chosen = popularity(names[:n], args.requests, kind)
                 deltas = {name: read_factors(merged, root / name) for name in set(chosen)}
                 ours, theirs = {}, {}
@@ -218,6 +221,8 @@ def main() -> None:
     ap.add_argument("--peft-max", type=int, default=64, help="the most adapters PEFT is asked to hold")
     ap.add_argument("--registered", type=int, default=1000, help="adapters registered for the pool run (0: skip)")
     ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--popularity", nargs="+", default=["round-robin", "zipf"],
+                    choices=["round-robin", "uniform", "zipf"], help="how requests pick their adapters")
     ap.add_argument("--max-tokens", type=int, default=10)
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)

@@ -1,5 +1,7 @@
 """Bad adapter files get clear errors, and saving never leaves a half-written file."""
 
+import stat
+
 import pytest
 import torch
 from torch import nn
@@ -79,6 +81,13 @@ def test_failed_save_keeps_previous_files_intact(tmp_path, monkeypatch):
         ll.save_adapter(m, path)
     assert (path / ckpt.WEIGHTS_FILE).read_bytes() == before
     assert sorted(p.name for p in path.iterdir()) == [ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE]
+
+
+def test_saved_files_get_the_mode_open_would_give_not_mkstemps_0600(tmp_path):
+    _, path = saved(tmp_path)
+    for name in (ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE):
+        assert stat.S_IMODE((path / name).stat().st_mode) == 0o666 & ~ckpt._UMASK
+    assert ckpt._UMASK & 0o044 == 0  # else the check above cannot tell 0600 from the right mode here
 
 
 def test_non_peft_method_config_carries_loralab_section(tmp_path, monkeypatch):

@@ -19,6 +19,13 @@ def test_compare_writes_a_row_per_method(tmp_path):
         assert [r["method"] for r in csv.DictReader(f)] == ["lora", "svfit"]
     assert (tmp_path / "results.png").stat().st_size > 1000 and "| lora |" in (tmp_path / "results.md").read_text()
 
+    resumed = compare("minilm-l6", "sst2", ["lora", "svfit", "ia3"], str(tmp_path), budget=2, lr_grid=3,
+                      batch_size=8, max_train=32, dev_size=16, max_test=16, progress=False, resume=True)
+    assert resumed[:2] == rows and resumed[2].method == "ia3"  # the finished rows are kept, not rerun
+    with pytest.raises(ValueError, match="budget: 2 there, 3 now"):
+        compare("minilm-l6", "sst2", ["lora"], str(tmp_path), budget=3, lr_grid=3, batch_size=8,
+                max_train=32, dev_size=16, max_test=16, progress=False, resume=True)
+
 
 def test_unknown_method_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="did you mean: lora"):

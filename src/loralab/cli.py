@@ -324,6 +324,8 @@ def compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-train", type=int, default=3000)
     p.add_argument("--max-test", type=int)
     p.add_argument("--out", required=True, help="folder for results.csv, results.md, results.png")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in --out (same settings) and run only the missing methods")
 
 
 def compare_cmd(args: argparse.Namespace) -> int:
@@ -331,7 +333,7 @@ def compare_cmd(args: argparse.Namespace) -> int:
 
     rows = compare(args.base, args.task, [m.strip() for m in args.methods.split(",") if m.strip()], args.out,
                    budget=args.budget, lr_grid=args.lr_grid, r=args.r, batch_size=args.batch_size,
-                   max_train=args.max_train, max_test=args.max_test)
+                   max_train=args.max_train, max_test=args.max_test, resume=args.resume)
     print(markdown(rows, f"{args.task} accuracy"))
     return 0
 

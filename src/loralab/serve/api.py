@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from loralab.model import adapter_names
 from loralab.registry import close_matches
 from loralab.serve.engine import Completion, Engine, QueueFull, RequestError, RequestHandle, TokenEvent
 from loralab.serve.metrics import ServerMetrics
@@ -53,9 +54,9 @@ def create_app(engine: Engine, tokenizer, base_name: str, metrics: ServerMetrics
     def resolve_model(name: str) -> str | None:
         if name == base_name:
             return None
-        if pool is not None and name in pool:
+        if name in engine.attached or (pool is not None and name in pool):
             return name
-        available = [base_name, *(pool.names() if pool is not None else [])]
+        available = [base_name, *engine.adapter_names()]
         hint = close_matches(name, available)
         shown = ", ".join(available[:20]) + (f", … ({len(available)} in all; GET /v1/models)" if len(available) > 20
                                             else "")
@@ -105,7 +106,7 @@ def create_app(engine: Engine, tokenizer, base_name: str, metrics: ServerMetrics
     async def models() -> dict[str, Any]:
         data = [{"id": base_name, "object": "model", "created": 0, "owned_by": "loralab"}]
         data += [{"id": n, "object": "model", "created": 0, "owned_by": "loralab", "parent": base_name}
-                 for n in (pool.names() if pool is not None else [])]
+                 for n in engine.adapter_names()]
         return {"object": "list", "data": data}
 
     @app.post("/v1/adapters", status_code=201)
@@ -122,6 +123,9 @@ def create_app(engine: Engine, tokenizer, base_name: str, metrics: ServerMetrics
 
     @app.delete("/v1/adapters/{name:path}")
     async def remove_adapter(name: str) -> dict[str, Any]:
+        if name in engine.attached:
+            raise APIError(409, f"adapter {name!r} is attached to the served model (a method the pool's slots do "
+                                "not hold) and stays while the server runs", param="name")
         if pool is None or name not in pool:
             raise APIError(404, f"no adapter named {name!r} is registered", param="name", code="model_not_found")
         try:
@@ -133,7 +137,7 @@ def create_app(engine: Engine, tokenizer, base_name: str, metrics: ServerMetrics
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": base_name, "running": engine.running(), "waiting": engine.waiting(),
-                "adapters": len(pool) if pool is not None else 0}
+                "adapters": len(engine.adapter_names())}
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -179,7 +183,7 @@ def _failed(message: str) -> APIError:
 
 def _register_checked(pool, name: str, path: str, base_name: str) -> None:
     """Register adapter `name` from `path` (under the pool's root) only if its files fit the base model."""
-    if name in pool or name == base_name:
+    if name in pool or name == base_name or name in adapter_names(pool.model):
         raise APIError(409, f"the name {name!r} is taken: delete that adapter first or choose another name",
                        param="name")
     folder = Path(path) if Path(path).is_absolute() else pool.root / path

@@ -15,7 +15,7 @@ Two ways to add the rows' low-rank updates to the base output:
 - `add_sgmv` (segmented gather, S-LoRA/Punica): rows sorted by slot, one pair of matmuls per
   run of rows that share a slot, each cut to that adapter's own rank.
 
-`choose_kernel` picks per call. Measured on this 2-core CPU (`bench/serve_engine.py --kernels`,
+`choose_kernel` picks per call. Measured on this 2-core CPU (`bench/serve.py --kernels`,
 SmolLM2-135M layer shapes, 8–64 rows, 1 or 32 tokens per row, ranks 16 and 64): SGMV is as
 fast or faster everywhere (up to 10× at decode when rows share adapters) except when every
 row has an adapter of its own and the rank is small (≤ 16): there BGMV ties or wins by up to

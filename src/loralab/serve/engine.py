@@ -15,7 +15,11 @@ One `step()`:
 
 The KV cache keeps one row per request with its own length (`RowKVCache`), so rows of
 different lengths need no padding shifts and greedy output equals offline greedy
-generation of each request alone. Prefetching of queued requests' adapters runs in a
+generation of each request alone. Adapters attached to the model itself (`ll.load_adapter`,
+`ll.add_adapter`; any method: DoRA, VeRA, a LoRAMoE mixture, a MeteoRA router …) are served too,
+always resident, through the core per-row path (`loralab.model.row_adapters`), in the same
+batches as the pool's adapters; attach them before the pool loads its first adapter.
+Prefetching of queued requests' adapters runs in a
 background thread. Tokens stream out per request through a queue (`RequestHandle.stream`)
 or a callback; `start()` runs the step loop in a thread for a server.
 """
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loralab.model import adapter_names, row_adapters, set_active
 from loralab.serve.kv_cache import RowKVCache
 from loralab.serve.pool import AdapterLoadError, AdapterNotFound, AdapterPool, Lease, PoolBusy, PoolPinned
 from loralab.serve.sampling import Sampler, SamplingParams
@@ -157,6 +162,12 @@ class Engine:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.model = model.eval()
+        self.attached = set(adapter_names(model))
+        if self.attached:
+            set_active(model, [])  # rows choose their adapter; the others see the base model
+        overlap = sorted(self.attached & set(pool.names())) if pool is not None else []
+        if overlap:
+            raise ValueError(f"adapters {overlap} are both attached to the model and registered in the pool")
         self.decoder = model.get_decoder()
         self.tokenizer = tokenizer
         self.pool = pool
@@ -199,9 +210,10 @@ class Engine:
         """Queue a request; raises RequestError if it is invalid and QueueFull if the queue is full."""
         params = params or SamplingParams()
         ids = self._check_prompt(prompt_ids)
-        if adapter is not None:
+        if adapter is not None and adapter not in self.attached:
             if self.pool is None:
-                raise RequestError(f"adapter {adapter!r} asked for, but this engine has no adapter pool")
+                raise RequestError(f"unknown adapter {adapter!r}: this engine has no adapter pool and serves "
+                                   f"{sorted(self.attached) or 'no attached adapters'}")
             try:
                 self.pool.slot_of(adapter)
             except AdapterNotFound as err:
@@ -248,6 +260,10 @@ class Engine:
                 return True
             return False
 
+    def adapter_names(self) -> list[str]:
+        """Every adapter a request may name: the attached ones, then the pool's."""
+        return sorted(self.attached) + (self.pool.names() if self.pool is not None else [])
+
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
 
@@ -289,7 +305,7 @@ class Engine:
             if admitted and longest_if * (len(admitted) + 1) > self.max_prefill_tokens:
                 break
             lease = None
-            if handle.adapter is not None and not handle.done:
+            if handle.adapter is not None and handle.adapter not in self.attached and not handle.done:
                 try:
                     lease = self.pool.acquire(handle.adapter)
                 except PoolBusy:
@@ -320,9 +336,15 @@ class Engine:
         if self.pool is not None:
             self.pool.rows.assign([h.slot for h in handles], self.device)
         positions, mask = self.cache.prepare(start, start + len(handles), ids.shape[1], self.device, self._float_mask)
-        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
-                           use_cache=True)
-        return out.last_hidden_state
+
+        def forward() -> torch.Tensor:
+            return self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                past_key_values=self.cache, use_cache=True).last_hidden_state
+
+        if not self.attached:
+            return forward()
+        with row_adapters(self.model, [h.adapter if h.adapter in self.attached else None for h in handles]):
+            return forward()
 
     def _decode(self) -> int:
         handles = list(self._running)
@@ -405,7 +427,8 @@ class Engine:
         if not self.prefetch or (self._prefetcher is not None and self._prefetcher.is_alive()):
             return
         with self._queue_lock:
-            names = [h.adapter for h in itertools.islice(self._waiting, self.max_batch) if h.adapter is not None]
+            names = [h.adapter for h in itertools.islice(self._waiting, self.max_batch)
+                     if h.adapter is not None and h.adapter not in self.attached]
         if names:
             self._prefetcher = threading.Thread(target=self.pool.prefetch, args=(names,), name="loralab-prefetch",
                                                 daemon=True)

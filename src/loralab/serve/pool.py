@@ -11,7 +11,9 @@ Loading reads the PEFT-format folder, checks every tensor against the base layer
 and only then touches a slot, so a bad file leaves the pool as it was. Folders must lie
 inside the pool's root. The batched path serves plain LoRA on `nn.Linear` layers (PEFT
 `peft_type: LORA`, rsLoRA included); DoRA, biases, `modules_to_save` and embedding LoRA are
-refused at registration with the reason.
+refused at registration with the reason (`unstackable`) — attach those to the model instead
+(`serve/attached.py`), and the engine serves them through the core per-row path. The pool
+puts its slots inside such attached layers, so both kinds share every batch.
 """
 
 from __future__ import annotations
@@ -26,12 +28,25 @@ import torch
 from torch import nn
 
 from loralab.checkpoint import CONFIG_FILE, read_config, read_tensors, spec_from_config
-from loralab.layers import AdaptedLayer, SavedModule
+from loralab.layers import AdaptedLayer
 from loralab.methods.base import check_shape
+from loralab.model import adapter_names
 from loralab.registry import close_matches
 from loralab.serve.batched_lora import BatchedLoRALinear, RowSlots, wrap_linear
+from loralab.spec import AdapterSpec
 
 FACTOR_KEYS = {"lora_A.weight": "A", "lora_B.weight": "B"}
+
+
+def unstackable(config: dict, spec: AdapterSpec) -> list[str]:
+    """Why the pool's stacked LoRA slots cannot hold this adapter (empty: they can)."""
+    return [why for bad, why in (
+        (spec.method != "lora", f"method {spec.method!r} (the slots hold plain LoRA)"),
+        (spec.bias != "none", f"bias={spec.bias!r} (trained biases)"),
+        (bool(spec.modules_to_save), f"modules_to_save={spec.modules_to_save}"),
+        (bool(config.get("fan_in_fan_out")), "fan_in_fan_out (Conv1D layers)"),
+        (bool(config.get("lora_bias")), "lora_bias"),
+    ) if bad]
 
 
 class AdapterNotFound(LookupError):
@@ -99,10 +114,10 @@ class AdapterPool:
         self.root = Path(root_dir).resolve()
         if not self.root.is_dir():
             raise ValueError(f"adapter root {root_dir} is not a directory")
-        wrapped = [p for p, m in model.named_modules() if isinstance(m, AdaptedLayer | SavedModule | BatchedLoRALinear)]
+        wrapped = [p for p, m in model.named_modules() if isinstance(m, BatchedLoRALinear)]
         if wrapped:
-            raise ValueError(f"the model already carries adapters or another pool's slots ({wrapped[0]}, …): "
-                             "give each pool its own plain base model")
+            raise ValueError(f"the model already carries another pool's slots ({wrapped[0]}, …): "
+                             "give each pool its own base model")
         self.model = model
         self.max_loaded = max_loaded
         self.rows = RowSlots()
@@ -122,7 +137,7 @@ class AdapterPool:
         added = []
         for config in sorted(self.root.rglob(CONFIG_FILE)):
             name = config.parent.relative_to(self.root).as_posix()
-            if name in self._entries or name == ".":
+            if name in self._entries or name == "." or name in adapter_names(self.model):
                 continue
             try:
                 self.register(name, config.parent)
@@ -146,15 +161,12 @@ class AdapterPool:
             spec = spec_from_config(config)
         except (KeyError, TypeError) as err:
             raise ValueError(f"{resolved / CONFIG_FILE} is not a valid adapter config: {err}") from None
-        reasons = [why for bad, why in (
-            (spec.method != "lora", f"method {spec.method!r} (only plain LoRA is served in mixed batches)"),
-            (spec.bias != "none", f"bias={spec.bias!r} (trained biases)"),
-            (bool(spec.modules_to_save), f"modules_to_save={spec.modules_to_save}"),
-            (bool(config.get("fan_in_fan_out")), "fan_in_fan_out (Conv1D layers)"),
-            (bool(config.get("lora_bias")), "lora_bias"),
-        ) if bad]
+        reasons = unstackable(config, spec)
         if reasons:
-            raise ValueError(f"adapter {name!r} cannot be served in mixed batches: it uses {'; '.join(reasons)}")
+            raise ValueError(f"adapter {name!r} cannot be held in the pool's slots: it uses {'; '.join(reasons)} "
+                             "(attach it to the model instead: see loralab.serve.attached)")
+        if name in adapter_names(self.model):
+            raise ValueError(f"an adapter named {name!r} is attached to the model; choose another name")
         with self._lock:
             if name in self._entries:
                 raise ValueError(f"an adapter named {name!r} is already registered; remove it first")
@@ -353,9 +365,13 @@ class AdapterPool:
                     raise ValueError(f"tensor {key} is not a LoRA factor of a linear layer "
                                      "(the mixed-batch path serves lora_A.weight / lora_B.weight only)")
                 groups.setdefault(path, {})[factor] = t
-            return {path: self._checked(path, group, entry.rank) for path, group in groups.items()}
+            return {self._slot_path(path): self._checked(path, group, entry.rank) for path, group in groups.items()}
         except (ValueError, FileNotFoundError) as err:
             raise AdapterLoadError(f"adapter {entry.name!r} ({entry.folder}) cannot be loaded: {err}") from None
+
+    def _slot_path(self, path: str) -> str:
+        """Where the slots of layer `path` go: inside an attached adapter's layer, around its base."""
+        return f"{path}.base_layer" if isinstance(self.model.get_submodule(path), AdaptedLayer) else path
 
     def _checked(self, path: str, group: dict[str, torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         if set(group) != {"A", "B"}:
@@ -365,7 +381,9 @@ class AdapterPool:
             module = self.model.get_submodule(path)
         except AttributeError:
             raise ValueError(f"the file has factors for {path}, which the base model does not have") from None
-        base = module.base_layer if isinstance(module, BatchedLoRALinear) else module
+        while isinstance(module, AdaptedLayer | BatchedLoRALinear):
+            module = module.base_layer
+        base = module
         if not isinstance(base, nn.Linear):
             raise ValueError(f"{path} is a {type(base).__name__}; the mixed-batch path adapts nn.Linear layers only")
         check_shape(f"{path}.lora_A.weight", group["A"].shape, (rank, base.in_features))

@@ -15,14 +15,20 @@ from pathlib import Path
 from torch import nn
 
 from loralab.serve.api import create_app
+from loralab.serve.attached import attach_unstackable
 from loralab.serve.engine import Engine
 from loralab.serve.pool import AdapterPool
 
 
 def build_engine(model: nn.Module, tokenizer, adapters: str | Path | None, max_loaded: int = 64, max_batch: int = 16,
                  max_queue: int = 256) -> Engine:
-    """An engine over `model` with a pool of the adapters under `adapters` (None: the base model only)."""
-    pool = AdapterPool(adapters, max_loaded, model=model) if adapters is not None else None
+    """An engine over `model` with the adapters under `adapters` (None: the base model only): plain LoRA
+    in a pool of at most `max_loaded` resident, every other method attached to the model."""
+    pool = None
+    if adapters is not None:
+        _, rejected = attach_unstackable(model, adapters)
+        pool = AdapterPool(adapters, max_loaded, model=model)
+        pool.rejected.update(rejected)
     return Engine(model, tokenizer, pool, max_batch=max_batch, max_queue=max_queue)
 
 
@@ -84,7 +90,9 @@ def serve(base: str, adapters: str | None, host: str = "127.0.0.1", port: int = 
     if engine.pool is not None:
         for name, why in engine.pool.rejected.items():
             print(f"loralab serve: skipping {name}: {why}")
-        print(f"loralab serve: {len(engine.pool)} adapters under {engine.pool.root}, at most {max_loaded} loaded")
+        print(f"loralab serve: {len(engine.pool)} LoRA adapters under {engine.pool.root}, at most {max_loaded} loaded"
+              + (f"; {len(engine.attached)} others attached ({', '.join(sorted(engine.attached))})"
+                 if engine.attached else ""))
     engine.start()
     try:
         uvicorn.run(create_app(engine, tokenizer, base), host=host, port=port, log_level="info")

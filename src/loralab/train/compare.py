@@ -5,13 +5,16 @@ sweep of its own (the learning rate is the most sensitive knob).
 The sweep is centred on each method's `suggested_lr`; the best learning rate is chosen on a
 dev split held out from the training rows, and the table reports the test metric at that
 rate, the trainable parameters, the median step time and the activation memory a training
-step keeps for backward. Results go to results.csv, results.md and results.png.
+step keeps for backward. Results go to results.csv, results.md and results.png, rewritten after each
+method, with the run's settings in settings.json; `resume=True` keeps the rows already there (when the
+settings match) and runs only the methods still missing.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import json
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -42,11 +45,20 @@ class Row:
 
 def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int = 100, lr_grid: int = 3,
             r: int = 8, batch_size: int = 16, max_train: int = 3000, dev_size: int = 300, max_test: int | None = None,
-            seed: int = 0, progress: bool = True) -> list[Row]:
+            seed: int = 0, progress: bool = True, resume: bool = False) -> list[Row]:
     if lr_grid not in GRIDS:
         raise ValueError(f"lr_grid must be one of {sorted(GRIDS)}, got {lr_grid}")
     for m in methods:
         METHODS.get(m)  # unknown names fail before any training
+    settings = {"base": base, "task": task, "budget": budget, "lr_grid": lr_grid, "r": r, "batch_size": batch_size,
+                "max_train": max_train, "dev_size": dev_size, "max_test": max_test, "seed": seed}
+    rows = previous_rows(Path(out_dir), settings) if resume else []
+    done = {row.method for row in rows}
+    if progress and done:
+        print(f"resuming: {len(done)} methods already in {out_dir} ({', '.join(sorted(done))})")
+    methods = [m for m in methods if m not in done]
+    if not methods:
+        return rows
     data = load_data(DataSpec(task=task, max_train=max_train + dev_size, max_test=max_test))
     if data.kind != "classification":
         raise ValueError("compare reports accuracy: choose a classification task (sst2, agnews)")
@@ -55,7 +67,6 @@ def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int 
     dev = make_examples(data.kind, data.train[max_train:], tok, 128)
     test = make_examples(data.kind, data.test, tok, 128)
     pad = partial(collate, pad_token_id=tok.pad_token_id)
-    rows = []
     for method in methods:
         centre = METHODS.get(method).suggested_lr
         runs = []
@@ -78,10 +89,25 @@ def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int 
         step_ms = 1000 * trainer.history[-1]["elapsed_s"] / budget
         rows.append(Row(method, lr, score, evaluate(model, test, data.kind, 128, pad)["accuracy"],
                         trainable_parameters(model).trainable, step_ms, memory))
-        write_results(rows, Path(out_dir), f"{task} accuracy")  # after each method: a cut-off run keeps its rows
+        write_results(rows, Path(out_dir), f"{task} accuracy", settings)  # a cut-off run keeps its rows
         if progress:
             print(f"{method}: test accuracy {rows[-1].test_metric:.4f} at lr {lr:g}")
     return rows
+
+
+def previous_rows(out: Path, settings: dict) -> list[Row]:
+    """The rows of an earlier run in `out`, refused when that run used other settings."""
+    if not (out / "results.csv").exists():
+        return []
+    saved = json.loads((out / "settings.json").read_text()) if (out / "settings.json").exists() else {}
+    differ = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in settings.items() if saved.get(k) != v]
+    if differ:
+        raise ValueError(f"cannot resume the comparison in {out}: its settings differ ({'; '.join(differ)}); "
+                         "use another --out or the same settings")
+    with open(out / "results.csv", newline="") as f:
+        return [Row(r["method"], *(float(r[k]) for k in ("best_lr", "dev_metric", "test_metric")),
+                    int(r["trainable_params"]), float(r["step_ms"]), float(r["activation_mb"]))
+                for r in csv.DictReader(f)]
 
 
 def markdown(rows: list[Row], metric: str) -> str:
@@ -92,10 +118,11 @@ def markdown(rows: list[Row], metric: str) -> str:
     return head + body
 
 
-def write_results(rows: list[Row], out: Path, metric: str) -> None:
+def write_results(rows: list[Row], out: Path, metric: str, settings: dict) -> None:
     from loralab.checkpoint import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)))
 
     def write_csv(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
