@@ -1,5 +1,6 @@
 """VB-LoRA (arXiv 2405.15179): every length-b piece of A and B is a top-k softmax mixture of one shared bank."""
 
+import pytest
 import torch
 from method_harness import (
     check_forward,
@@ -38,3 +39,19 @@ def test_vb_lora(tmp_path):
     check_param_count(spec, lambda i, o: 6 * 2 + 6 * 2 * (i + o) // 2, kinds=KINDS)
     check_save_load(spec, tmp_path, kinds=KINDS)
     check_training_lowers_loss(spec, lr=5e-2)
+
+
+def test_auto_vector_length_is_the_largest_power_of_two_dividing_every_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(384, 1536), torch.nn.Linear(1536, 384), torch.nn.Linear(384, 96))
+    ll.add_adapter(model, ll.AdapterSpec(method="vb-lora", r=4, targets="all-linear"))
+    method = model[0].adapters["default"]
+    assert method.shared.bank.shape == (256, 32)  # 96 = 3·32 caps it; 64 does not divide 96
+    assert method.logits_A.shape == (4 * 384 // 32, 256)
+    assert method.shared.bank.abs().max() <= 0.02  # the authors' bound: ΔW starts small
+
+
+def test_a_vector_length_that_does_not_divide_a_layer_is_refused_by_size():
+    model = torch.nn.Sequential(torch.nn.Linear(384, 96))
+    with pytest.raises(ValueError, match=r"vector_length=64 .* does not divide \[96\]"):
+        ll.add_adapter(model, ll.AdapterSpec(method="vb-lora", r=4, targets="all-linear",
+                                             options={"vector_length": 64}))
