@@ -14,17 +14,15 @@ import shutil
 import httpx
 import pytest
 import torch
-from test_serve_batched_lora import SPECS, one_thread, run_alone, save_lora, tiny_llama  # noqa: F401
+from test_serve_batched_lora import SPECS, one_thread, run_alone, save_lora  # noqa: F401
 from test_serve_engine import offline, prompts, run
-from test_serve_http import BASE, CONTEXT
-from transformers import AutoTokenizer
+from test_serve_http import BASE, tiny_base_with_loras
 
 import loralab as ll
 from loralab.compose import add_router
 from loralab.serve.engine import SamplingParams
 from loralab.serve.pool import AdapterPool
 from loralab.serve.server import BackgroundServer, build_engine
-from loralab.zoo.models import resolve
 
 ATTACHED = {
     "dora": ll.AdapterSpec(method="dora", r=4, alpha=8, targets=["q_proj", "v_proj"]),
@@ -62,11 +60,7 @@ def save_router(base, root, seed):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """(base model, adapter root, reference model holding every adapter)."""
-    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m"), local_files_only=True)
-    base = tiny_llama(vocab_size=len(tok), max_position_embeddings=CONTEXT, eos_token_id=tok.eos_token_id)
-    root = tmp_path_factory.mktemp("adapters")
-    for i, (name, spec) in enumerate(SPECS.items()):
-        save_lora(base, root / name, spec, seed=i)
+    tok, base, root = tiny_base_with_loras(tmp_path_factory)
     for i, e in enumerate(EXPERTS):
         save_lora(base, root / e, ll.AdapterSpec(r=4, alpha=8, targets=["q_proj", "k_proj", "v_proj"]), seed=10 + i)
     for i, (name, spec) in enumerate(ATTACHED.items()):

@@ -32,14 +32,20 @@ CONTEXT = 96
 PROMPTS = ["Once upon a time", "The capital of France is", "def add(a, b):", "Hello"]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """(server, openai client, tokenizer, reference model holding every adapter, adapter root)."""
+def tiny_base_with_loras(tmp_path_factory):
+    """(SmolLM2's tokenizer, a tiny Llama with its vocabulary, a folder with the SPECS adapters saved)."""
     tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m"), local_files_only=True)
     base = tiny_llama(vocab_size=len(tok), max_position_embeddings=CONTEXT, eos_token_id=tok.eos_token_id)
     root = tmp_path_factory.mktemp("adapters")
     for i, (name, spec) in enumerate(SPECS.items()):
         save_lora(base, root / name, spec, seed=i)
+    return tok, base, root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """(server, openai client, tokenizer, reference model holding every adapter, adapter root)."""
+    tok, base, root = tiny_base_with_loras(tmp_path_factory)
     model = copy.deepcopy(base)
     engine = Engine(model, tok, AdapterPool(root, 2, model=model), max_batch=4, max_queue=64)
     server = BackgroundServer(engine, tok, BASE).start()
