@@ -160,9 +160,9 @@ def serve_table(args) -> None:
                 agree = f"{sum(o == p for o, p in zip(ours['tokens'], theirs['tokens']))}/{len(ids)}" if peft else "–"
                 speed = {c: tokens / res[c]["seconds"] for c in res}
                 rows.append([str(n), kind, str(len(set(chosen))), f"{speed['engine']:.0f}",
-                             f"{1 / res['engine, one adapter']['ratio']:.2f}x",
+                             f"{res['engine, one adapter']['ratio']:.2f}x",
                              f"{res['PEFT']['ratio']:.2f}x" if peft else "–",
-                             f"{res['merge per adapter']['ratio']:.2f}x", f"{1 / res['HF base']['ratio']:.2f}x",
+                             f"{res['merge per adapter']['ratio']:.2f}x", f"{res['HF base']['ratio']:.2f}x",
                              agree])
                 print(rows[-1], flush=True)
         if args.registered:

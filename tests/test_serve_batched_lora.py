@@ -14,7 +14,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import loralab as ll
-from loralab.serve.batched_lora import RowSlots, SlotFactors, add_bgmv, add_sgmv, choose_kernel
+from loralab.serve import batched_lora
+from loralab.serve.batched_lora import RowSlots, SlotFactors, add_bgmv, add_sgmv, add_slot_grid, choose_kernel
 from loralab.serve.pool import AdapterPool
 
 SPECS = {  # different ranks, target sets and scalings in one batch
@@ -70,7 +71,7 @@ def run_alone(ref: torch.nn.Module, adapter: str | None, fn):
     return fn()
 
 
-@pytest.mark.parametrize("kernel", [add_bgmv, add_sgmv])
+@pytest.mark.parametrize("kernel", [add_bgmv, add_sgmv, add_slot_grid])
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_kernels_give_each_row_its_own_adapter(kernel, tokens):
     g = torch.Generator().manual_seed(0)
@@ -101,14 +102,22 @@ def test_rank_capacity_grows_without_touching_other_slots():
     assert not stacked.a[0, 2:].any() and not stacked.a[1].any()
 
 
-def test_kernel_rule_uses_bgmv_only_for_distinct_low_rank_rows():
+def test_kernel_rule():
     stacked = SlotFactors.stack([(torch.randn(r, 4), torch.randn(4, r), 1.0) for r in (8, 16, 64)])
     assert choose_kernel(RowSlots([0, 1]), stacked) is add_bgmv
     assert choose_kernel(RowSlots([0, 0, 1]), stacked) is add_sgmv  # rows share an adapter
     assert choose_kernel(RowSlots([0, 2]), stacked) is add_sgmv  # rank 64 in use
+    many = SlotFactors.stack([(torch.randn(r, 4), torch.randn(4, r), 1.0) for r in (8, 16, 32, 64) * 4])
+    assert choose_kernel(RowSlots(range(16)), many) is add_slot_grid  # 16 adapters filling their range
+    assert choose_kernel(RowSlots(range(16)), many, tokens=16) is add_sgmv  # prefill: the grid computes too much
+    assert choose_kernel(RowSlots(list(range(16)) * 5), many) is add_sgmv  # 5 rows on each slot
+    assert choose_kernel(RowSlots(range(0, 16, 2)), many) is add_sgmv  # half the range unused
 
 
-def test_mixed_batch_matches_each_adapter_alone(tmp_path):
+@pytest.mark.parametrize("kernel", [None, add_bgmv, add_sgmv, add_slot_grid])
+def test_mixed_batch_matches_each_adapter_alone(tmp_path, monkeypatch, kernel):
+    if kernel is not None:  # every layer through this kernel, whatever the rule would pick
+        monkeypatch.setattr(batched_lora, "choose_kernel", lambda rows, factors, tokens=1: kernel)
     base = tiny_llama()
     for i, (name, spec) in enumerate(SPECS.items()):
         save_lora(base, tmp_path / name, spec, seed=i)

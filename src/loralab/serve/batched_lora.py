@@ -59,6 +59,11 @@ class RowSlots:
             else:
                 self.spans.append((self.slots[i], pos, pos + 1))
         self.span_sizes = [stop - start for _, start, stop in self.spans]
+        self.slot_range = (min(self.used), max(self.used) + 1) if self.used else (0, 0)
+        self.depth = max(self.span_sizes, default=0)  # the most rows on one slot
+        cells = [(slot - self.slot_range[0]) * self.depth + k for slot, start, stop in self.spans
+                 for k in range(stop - start)]
+        self.cells = torch.tensor(cells, dtype=torch.long, device=device)  # sorted row → cell of the slot grid
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -163,13 +168,41 @@ def add_sgmv(out: torch.Tensor, x: torch.Tensor, factors: SlotFactors, rows: Row
     _add_rows(out, rows, delta.view(n, tokens, -1))
 
 
+def add_slot_grid(out: torch.Tensor, x: torch.Tensor, factors: SlotFactors, rows: RowSlots) -> None:
+    """out[i] += B[s_i] A[s_i] x[i] with two batched matmuls straight over the stacked factors.
+
+    The rows are scattered into a grid of [slots in use' range, most rows on one slot, tokens]
+    (zeros elsewhere), so nothing of the factors is copied and there are two calls in all; the
+    price is reading every slot of the range at the largest rank in use, and computing the
+    grid's empty cells."""
+    lo, hi = rows.slot_range
+    r = max(factors.ranks[s] for s in rows.used)
+    xs = _lora_rows(x, rows)
+    tokens, d_in = xs.shape[1:]
+    grid = rows.scratch("grid", ((hi - lo) * rows.depth, tokens, d_in), xs).zero_()
+    grid.index_copy_(0, rows.cells, xs)
+    h = torch.bmm(grid.view(hi - lo, -1, d_in), factors.a[lo:hi, :r].transpose(1, 2))
+    d_out = factors.bt.shape[2]
+    delta = torch.bmm(h, factors.bt[lo:hi, :r], out=rows.scratch("delta", (hi - lo, h.shape[1], d_out), xs))
+    _add_rows(out, rows, delta.view(-1, tokens, d_out).index_select(0, rows.cells))
+
+
 Kernel = Callable[[torch.Tensor, torch.Tensor, SlotFactors, RowSlots], None]
 BGMV_MAX_RANK = 16
+GRID_MIN_SPANS = 8  # below this SGMV's calls cost less than reading a whole slot range
+GRID_MAX_CELLS = 4  # rows on one slot × tokens per row: beyond it the grid's empty cells cost too much
+GRID_MIN_FILL = 0.4  # the ranks in use over the range's slots × the largest rank
 
 
-def choose_kernel(rows: RowSlots, factors: SlotFactors) -> Kernel:
-    """BGMV only when every row has an adapter of its own and the ranks in use are small; else SGMV."""
-    if len(rows.spans) == len(rows.order) and max(factors.ranks[s] for s in rows.used) <= BGMV_MAX_RANK:
+def choose_kernel(rows: RowSlots, factors: SlotFactors, tokens: int = 1) -> Kernel:
+    """The slot grid when many adapters fill most of their slot range at decode; BGMV when every
+    row has an adapter of its own and the ranks in use are small; else SGMV."""
+    ranks = [factors.ranks[s] for s in rows.used]
+    lo, hi = rows.slot_range
+    if (len(rows.spans) >= GRID_MIN_SPANS and rows.depth * tokens <= GRID_MAX_CELLS
+            and sum(ranks) >= GRID_MIN_FILL * (hi - lo) * max(ranks)):
+        return add_slot_grid
+    if len(rows.spans) == len(rows.order) and max(ranks) <= BGMV_MAX_RANK:
         return add_bgmv
     return add_sgmv
 
@@ -207,7 +240,8 @@ class BatchedLoRALinear(nn.Module):
         if len(rows) != x.shape[0]:
             raise RuntimeError(f"row slots were set for {len(rows)} rows but this batch has {x.shape[0]}; "
                                "assign RowSlots for every forward pass")
-        choose_kernel(rows, self.factors)(out, x, self.factors, rows)
+        tokens = x.numel() // (x.shape[0] * x.shape[-1])
+        choose_kernel(rows, self.factors, tokens)(out, x, self.factors, rows)
         return out
 
     def extra_repr(self) -> str:
