@@ -17,7 +17,7 @@ producing exactly `--max-tokens` greedy tokens per request (EOS ignored):
 
 Speeds are median per-round ratios. `--registered 1000` also pushes requests for 1,000
 registered adapters through a pool of 64 and counts errors, misses and evictions. `--kernels`
-instead times the BGMV and SGMV kernels on SmolLM2 layer shapes, the measurement behind
+instead times the BGMV, SGMV and slot-grid kernels on SmolLM2 layer shapes, the measurement behind
 `loralab.serve.batched_lora.choose_kernel`.
 Run: `.venv/bin/python bench/serve.py` (about 10 minutes with the defaults).
 """
@@ -34,7 +34,7 @@ from common import interleaved, markdown_table
 
 import loralab as ll
 from loralab.checkpoint import read_config, read_tensors, spec_from_config
-from loralab.serve.batched_lora import RowSlots, SlotFactors, add_bgmv, add_sgmv
+from loralab.serve.batched_lora import RowSlots, SlotFactors, add_bgmv, add_sgmv, add_slot_grid, choose_kernel
 from loralab.serve.engine import Engine, SamplingParams
 from loralab.serve.pool import AdapterPool
 from loralab.zoo import load_task
@@ -198,21 +198,25 @@ def kernel_table(args) -> None:
     rows = []
     gen = torch.Generator().manual_seed(0)
     for d_in, d_out in ((576, 576), (576, 1536), (1536, 576)):
-        for r in (16, 64):
-            factors = SlotFactors.stack([(torch.randn(r, d_in), torch.randn(d_out, r), 1.0) for _ in range(64)])
+        for label, ranks in (("16", (16,)), ("64", (64,)), ("8–64", RANKS)):
+            factors = SlotFactors.stack([(torch.randn(ranks[i % len(ranks)], d_in),
+                                          torch.randn(d_out, ranks[i % len(ranks)]), 1.0) for i in range(64)])
             for tokens in (1, 32):
                 for n in (8, 64):
                     for distinct in sorted({1, n // 4, n}):
                         x, out = torch.randn(n, tokens, d_in), torch.zeros(n, tokens, d_out)
                         rows_ = RowSlots((torch.randperm(n, generator=gen) % distinct).tolist())
                         kernels = {name: lambda k=k, o=out, x=x, f=factors, s=rows_: k(o, x, f, s)
-                                   for name, k in (("bgmv", add_bgmv), ("sgmv", add_sgmv))}
-                        res = interleaved(kernels, "sgmv", rounds=args.rounds, repeats=5)
-                        rows.append([f"{d_in}→{d_out}", str(r), str(tokens), str(n), str(distinct),
-                                     f"{res['sgmv']['seconds'] * 1e6:.0f}", f"{res['bgmv']['ratio']:.2f}"])
-    print(f"BGMV vs SGMV per layer call, {args.threads} thread(s), median of {args.rounds} interleaved rounds")
-    print(markdown_table(["layer", "rank", "tokens/row", "rows", "distinct adapters", "SGMV µs", "BGMV / SGMV time"],
-                         rows))
+                                   for name, k in (("bgmv", add_bgmv), ("sgmv", add_sgmv), ("grid", add_slot_grid))}
+                        with torch.inference_mode():
+                            res = interleaved(kernels, "sgmv", rounds=args.rounds, repeats=5)
+                        chosen = choose_kernel(rows_, factors, tokens).__name__.removeprefix("add_")
+                        rows.append([f"{d_in}→{d_out}", label, str(tokens), str(n), str(distinct),
+                                     f"{res['sgmv']['seconds'] * 1e6:.0f}", f"{res['bgmv']['ratio']:.2f}",
+                                     f"{res['grid']['ratio']:.2f}", chosen])
+    print(f"Kernels per layer call against SGMV, {args.threads} thread(s), median of {args.rounds} interleaved rounds")
+    print(markdown_table(["layer", "ranks", "tokens/row", "rows", "distinct adapters", "SGMV µs", "BGMV / SGMV time",
+                          "grid / SGMV time", "choose_kernel picks"], rows))
 
 
 def main() -> None:
@@ -227,7 +231,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="1: steadiest on a small shared machine")
-    ap.add_argument("--kernels", action="store_true", help="time the BGMV and SGMV kernels instead")
+    ap.add_argument("--kernels", action="store_true", help="time the BGMV, SGMV and slot-grid kernels instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     (kernel_table if args.kernels else serve_table)(args)

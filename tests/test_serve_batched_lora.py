@@ -102,13 +102,18 @@ def test_rank_capacity_grows_without_touching_other_slots():
     assert not stacked.a[0, 2:].any() and not stacked.a[1].any()
 
 
-def test_kernel_rule():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_rule(monkeypatch, threads):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     stacked = SlotFactors.stack([(torch.randn(r, 4), torch.randn(4, r), 1.0) for r in (8, 16, 64)])
     assert choose_kernel(RowSlots([0, 1]), stacked) is add_bgmv
     assert choose_kernel(RowSlots([0, 0, 1]), stacked) is add_sgmv  # rows share an adapter
     assert choose_kernel(RowSlots([0, 2]), stacked) is add_sgmv  # rank 64 in use
     many = SlotFactors.stack([(torch.randn(r, 4), torch.randn(4, r), 1.0) for r in (8, 16, 32, 64) * 4])
-    assert choose_kernel(RowSlots(range(16)), many) is add_slot_grid  # 16 adapters filling their range
+    equal = SlotFactors.stack([(torch.randn(32, 4), torch.randn(4, 32), 1.0)] * 16)
+    assert choose_kernel(RowSlots(range(16)), equal) is add_slot_grid  # 16 adapters of one rank
+    mixed_ranks = choose_kernel(RowSlots(range(16)), many)  # fill 0.47: worth it only on several threads
+    assert mixed_ranks is (add_slot_grid if threads > 1 else add_sgmv)
     assert choose_kernel(RowSlots(range(16)), many, tokens=16) is add_sgmv  # prefill: the grid computes too much
     assert choose_kernel(RowSlots(list(range(16)) * 5), many) is add_sgmv  # 5 rows on each slot
     assert choose_kernel(RowSlots(range(0, 16, 2)), many) is add_sgmv  # half the range unused

@@ -7,22 +7,27 @@ zeros, so adapters of different ranks and different target sets share one batch 
 whose adapter lacks the layer holds zeros and rank 0 there). Row i of a forward pass uses
 slot `RowSlots.slots[i]`, or the base model alone for -1.
 
-Two ways to add the rows' low-rank updates to the base output:
+Three ways to add the rows' low-rank updates to the base output:
 
 - `add_bgmv` (Punica's batched gather matrix-vector product): gather every row's A and B
   (cut to the largest rank in use) and do two batched matmuls; the cost does not depend on
   how the rows share adapters, but the gather copies r·(in + out) numbers per row.
 - `add_sgmv` (segmented gather, S-LoRA/Punica): rows sorted by slot, one pair of matmuls per
   run of rows that share a slot, each cut to that adapter's own rank.
+- `add_slot_grid`: the rows scattered into a [slots, rows per slot, tokens] grid and two
+  batched matmuls straight over the stacked factors of the slot range in use: no copy of the
+  factors and two calls in all, but every slot of the range is read at the largest rank.
 
 `choose_kernel` picks per call. Measured on this 2-core CPU (`bench/serve.py --kernels`,
-SmolLM2-135M layer shapes, 8–64 rows, 1 or 32 tokens per row, ranks 16 and 64): SGMV is as
-fast or faster everywhere (up to 10× at decode when rows share adapters) except when every
-row has an adapter of its own and the rank is small (≤ 16): there BGMV ties or wins by up to
-~20% (576×576 layers). Elsewhere the gather's copy of r·(in + out) numbers per row costs more
-than SGMV's extra calls. Both run near the memory-bandwidth bound of reading each
-adapter's factors once (≈ 1.7 ms per 576×576 layer for 64 distinct rank-64 adapters at
-decode), so a custom kernel would not pay here. Both reuse scratch buffers across layers.
+SmolLM2-135M layer shapes): SGMV is as fast or faster than BGMV (up to 10× at decode when rows
+share adapters) except when every row has an adapter of its own and the rank is small (≤ 16),
+where BGMV wins by up to ~20%. With many distinct adapters at decode SGMV's two calls per
+adapter dominate, and the grid takes 0.4–0.9× SGMV's time when the ranks are equal. With mixed
+ranks (8–64, so half of what the grid reads is padding) it depends on threads: on one thread
+the grid loses (1.6–2.3× SGMV's time), on two it is 0.83× on a 576×576 layer and 1.27× on
+576×1536, since its two large calls spread over threads and SGMV's small ones do not. With few
+adapters, or prefill's many tokens, the grid loses. All three reuse scratch buffers across layers.
+
 `BatchedLoRALinear` wraps one `nn.Linear` and reads the shared `RowSlots`, which the serving
 engine sets before each forward pass.
 """
@@ -191,7 +196,10 @@ Kernel = Callable[[torch.Tensor, torch.Tensor, SlotFactors, RowSlots], None]
 BGMV_MAX_RANK = 16
 GRID_MIN_SPANS = 8  # below this SGMV's calls cost less than reading a whole slot range
 GRID_MAX_CELLS = 4  # rows on one slot × tokens per row: beyond it the grid's empty cells cost too much
-GRID_MIN_FILL = 0.4  # the ranks in use over the range's slots × the largest rank
+# The ranks in use over the range's slots × the largest rank, by intra-op threads: the grid's few
+# large bmm calls spread over threads and SGMV's many small ones do not, so with one thread the
+# grid pays for its padding only when the ranks are nearly equal.
+GRID_MIN_FILL_ONE_THREAD, GRID_MIN_FILL_THREADED = 0.75, 0.4
 
 
 def choose_kernel(rows: RowSlots, factors: SlotFactors, tokens: int = 1) -> Kernel:
@@ -199,8 +207,9 @@ def choose_kernel(rows: RowSlots, factors: SlotFactors, tokens: int = 1) -> Kern
     row has an adapter of its own and the ranks in use are small; else SGMV."""
     ranks = [factors.ranks[s] for s in rows.used]
     lo, hi = rows.slot_range
+    min_fill = GRID_MIN_FILL_ONE_THREAD if torch.get_num_threads() == 1 else GRID_MIN_FILL_THREADED
     if (len(rows.spans) >= GRID_MIN_SPANS and rows.depth * tokens <= GRID_MAX_CELLS
-            and sum(ranks) >= GRID_MIN_FILL * (hi - lo) * max(ranks)):
+            and sum(ranks) >= min_fill * (hi - lo) * max(ranks)):
         return add_slot_grid
     if len(rows.spans) == len(rows.order) and max(ranks) <= BGMV_MAX_RANK:
         return add_bgmv
