@@ -201,7 +201,7 @@ def kernel_table(args) -> None:
         for label, ranks in (("16", (16,)), ("64", (64,)), ("8–64", RANKS)):
             factors = SlotFactors.stack([(torch.randn(ranks[i % len(ranks)], d_in),
                                           torch.randn(d_out, ranks[i % len(ranks)]), 1.0) for i in range(64)])
-            for tokens in (1, 32):
+            for tokens in (1, 16):
                 for n in (8, 64):
                     for distinct in sorted({1, n // 4, n}):
                         x, out = torch.randn(n, tokens, d_in), torch.zeros(n, tokens, d_out)

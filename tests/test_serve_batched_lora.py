@@ -15,7 +15,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import loralab as ll
 from loralab.serve import batched_lora
-from loralab.serve.batched_lora import RowSlots, SlotFactors, add_bgmv, add_sgmv, add_slot_grid, choose_kernel
+from loralab.serve.batched_lora import (
+    RowSlots,
+    SlotFactors,
+    add_bgmv,
+    add_sgmv,
+    add_slot_grid,
+    choose_kernel,
+    rank_class,
+)
 from loralab.serve.pool import AdapterPool
 
 SPECS = {  # different ranks, target sets and scalings in one batch
@@ -75,31 +83,41 @@ def run_alone(ref: torch.nn.Module, adapter: str | None, fn):
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_kernels_give_each_row_its_own_adapter(kernel, tokens):
     g = torch.Generator().manual_seed(0)
-    factors = [(torch.randn(r, 16, generator=g), torch.randn(12, r, generator=g), s)
-               for r, s in ((2, 1.0), (8, 0.5), (4, 2.0))]
+    factors = [(torch.randn(r, 16, generator=g), torch.randn(12, r, generator=g), s)  # rank classes 4, 8 and 2
+               for r, s in ((3, 1.0), (4, 0.5), (8, 2.0), (2, 1.0), (4, 1.5), (7, 0.5))]
     stacked = SlotFactors.stack(factors)
-    stacked.clear(1)  # an empty slot (an adapter without this layer) adds nothing
-    x = torch.randn(7, tokens, 16, generator=g)
-    slots = [2, -1, 0, 2, 1, -1, 0]
-    base_out = torch.randn(7, tokens, 12, generator=g)
+    stacked.clear(1)  # an empty slot (an adapter without this layer) adds nothing, and leaves a hole
+    slots = [2, -1, 0, 2, 1, -1, 0, 4, 5, 3, 4]
+    x = torch.randn(len(slots), tokens, 16, generator=g)
+    base_out = torch.randn(len(slots), tokens, 12, generator=g)
     out = base_out.clone()
     kernel(out, x, stacked, RowSlots(slots))
     for i, slot in enumerate(slots):
         want = base_out[i].clone()
-        if slot in (0, 2):
+        if slot not in (-1, 1):
             a, b, s = factors[slot]
             want += s * x[i] @ a.T @ b.T
         torch.testing.assert_close(out[i], want, atol=1e-4, rtol=1e-4)
 
 
-def test_rank_capacity_grows_without_touching_other_slots():
-    stacked = SlotFactors(3, 8, 6, torch.float32)
+def test_rank_classes_hold_each_adapter_once_and_reuse_freed_places():
+    stacked = SlotFactors(4, 8, 6, torch.float32)
     a0, b0 = torch.randn(2, 8), torch.randn(6, 2)
     stacked.write(0, a0, b0, 3.0)
-    stacked.write(2, torch.randn(5, 8), torch.randn(6, 5), 1.0)  # grows r_cap from 2 to 5
-    assert stacked.a.shape == (3, 5, 8) and stacked.bt.shape == (3, 5, 6) and stacked.ranks == [2, 0, 5]
-    torch.testing.assert_close(stacked.bt[0, :2].T @ stacked.a[0, :2], 3.0 * b0 @ a0)
-    assert not stacked.a[0, 2:].any() and not stacked.a[1].any()
+    stacked.write(2, torch.randn(5, 8), torch.randn(6, 5), 1.0)
+    stacked.write(3, torch.randn(7, 8), torch.randn(6, 7), 1.0)
+    assert rank_class(2) == 2 and rank_class(5) == 8 and rank_class(8) == 8 and rank_class(9) == 16
+    assert sorted(stacked.classes) == [2, 8] and stacked.where == [(2, 0), None, (8, 0), (8, 1)]
+    assert stacked.classes[8].a.shape[1:] == (8, 8) and stacked.ranks == [2, 0, 5, 7]
+    torch.testing.assert_close(stacked.pairs[0][1].T @ stacked.pairs[0][0].T, 3.0 * b0 @ a0)
+    assert not stacked.classes[8].a[0, 5:].any()  # padding up to the class's capacity stays zero
+    stacked.clear(2)  # its place is zeroed and given to the next adapter of that class
+    assert not stacked.classes[8].a[0].any()
+    stacked.write(1, torch.randn(6, 8), torch.randn(6, 6), 1.0)
+    assert stacked.where[1] == (8, 0)
+    stacked.write(0, torch.randn(16, 8), torch.randn(6, 16), 1.0)  # a new rank moves the slot's class
+    assert sorted(stacked.classes) == [8, 16] and stacked.where[0] == (16, 0)  # the emptied class is gone
+    assert stacked.allocated_bytes() == 4 * sum(t.numel() for t in stacked.tensors())
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -112,11 +130,14 @@ def test_kernel_rule(monkeypatch, threads):
     many = SlotFactors.stack([(torch.randn(r, 4), torch.randn(4, r), 1.0) for r in (8, 16, 32, 64) * 4])
     equal = SlotFactors.stack([(torch.randn(32, 4), torch.randn(4, 32), 1.0)] * 16)
     assert choose_kernel(RowSlots(range(16)), equal) is add_slot_grid  # 16 adapters of one rank
-    mixed_ranks = choose_kernel(RowSlots(range(16)), many)  # fill 0.47: worth it only on several threads
-    assert mixed_ranks is (add_slot_grid if threads > 1 else add_sgmv)
-    assert choose_kernel(RowSlots(range(16)), many, tokens=16) is add_sgmv  # prefill: the grid computes too much
-    assert choose_kernel(RowSlots(list(range(16)) * 5), many) is add_sgmv  # 5 rows on each slot
-    assert choose_kernel(RowSlots(range(0, 16, 2)), many) is add_sgmv  # half the range unused
+    assert choose_kernel(RowSlots(range(16)), many) is add_slot_grid  # rank classes: no padding read
+    half = choose_kernel(RowSlots(range(0, 16, 2)), equal)  # every other place: half of what it reads is unused
+    assert half is (add_slot_grid if threads > 1 else add_sgmv)
+    assert choose_kernel(RowSlots(range(0, 16, 4)), equal) is add_sgmv  # 4 adapters: too few
+    assert choose_kernel(RowSlots(range(16)), many, tokens=16) is add_slot_grid  # a short prefill
+    assert choose_kernel(RowSlots(range(16)), many, tokens=64) is add_sgmv  # a long one: not measured to win
+    assert choose_kernel(RowSlots(list(range(16)) * 5), many) is add_slot_grid  # 5 rows on every slot: a full grid
+    assert choose_kernel(RowSlots([*range(16)] + [0] * 8), equal) is add_sgmv  # 9 rows on one: most cells empty
 
 
 @pytest.mark.parametrize("kernel", [None, add_bgmv, add_sgmv, add_slot_grid])

@@ -34,7 +34,7 @@ def cycle(pool: AdapterPool, *names: str) -> None:
 
 
 def stacks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {p: torch.cat([m.factors.a.flatten(), m.factors.bt.flatten()]).clone()
+    return {p: torch.cat([t.flatten() for t in m.factors.tensors()]).clone()
             for p, m in model.named_modules() if isinstance(m, BatchedLoRALinear)}
 
 
@@ -89,8 +89,8 @@ def test_remove_frees_the_slot_after_its_last_user(four):
         pool.acquire("a")
     assert pool.resident() == ["a"]  # still serving the running request
     pool.release(lease)
-    assert pool.resident() == [] and not any(m.factors.a.any() for m in pool.model.modules()
-                                              if isinstance(m, BatchedLoRALinear))
+    assert pool.resident() == [] and not any(t.any() for m in pool.model.modules()
+                                              if isinstance(m, BatchedLoRALinear) for t in m.factors.tensors())
     pool.register("a2", root / "a")  # added while running
     cycle(pool, "a2")
 

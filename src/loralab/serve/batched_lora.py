@@ -1,11 +1,11 @@
 """Mixed-adapter LoRA for a batch whose rows use different adapters, without merging.
 
 As in Punica (Chen et al., arXiv 2310.18547) and S-LoRA (Sheng et al., arXiv 2311.03285),
-the resident adapters of one linear layer are stacked: A as [slots, r_cap, in] and B as
-[slots, r_cap, out] (Bᵀ) with each adapter's scale folded into B and smaller ranks padded with
-zeros, so adapters of different ranks and different target sets share one batch (a slot
-whose adapter lacks the layer holds zeros and rank 0 there). Row i of a forward pass uses
-slot `RowSlots.slots[i]`, or the base model alone for -1.
+the resident adapters of one linear layer are stacked, A as [n, cap, in] and B as [n, cap, out]
+(Bᵀ) with each adapter's scale folded into B, in one stack per rank class (capacity the next
+power of two, smaller ranks padded with zeros), so adapters of different ranks and different
+target sets share one batch (a slot whose adapter lacks the layer has no place there). Row i of
+a forward pass uses slot `RowSlots.slots[i]`, or the base model alone for -1.
 
 Three ways to add the rows' low-rank updates to the base output:
 
@@ -36,16 +36,43 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+def rank_class(r: int) -> int:
+    """The rank capacity of the stack that holds a rank-r adapter: the next power of two."""
+    return 1 << max(r - 1, 0).bit_length()
+
+
+@dataclass
+class RankGroup:
+    """The rows of one pass whose adapters one layer holds in the stack of rank class `cap`.
+
+    `rows` are batch rows, sorted by their slot's position in that stack (`positions`); the
+    slot grid spans positions lo … hi-1 with `depth` cells per position, and row k of `rows`
+    goes to cell `cells[k]`."""
+
+    cap: int
+    rank: int  # the largest rank in use in this group
+    rows: torch.Tensor
+    positions: torch.Tensor
+    lo: int
+    hi: int
+    depth: int
+    cells: torch.Tensor
+    distinct: int  # adapters in use
+    rank_sum: int  # their ranks summed
 
 
 class RowSlots:
     """The slot of every row of the next forward pass (-1: base only), shared by every wrapped layer.
 
     `assign` precomputes once per pass what the kernels need: the rows that use an adapter,
-    those rows sorted by slot, and the runs of equal slots in that order."""
+    those rows sorted by slot, and the runs of equal slots in that order. `groups` adds, once per
+    distinct stack layout (most layers share one), the rows grouped by rank class."""
 
     def __init__(self, slots: Sequence[int] = (), device: torch.device | str = "cpu") -> None:
         self._scratch: dict[tuple, torch.Tensor] = {}
@@ -53,10 +80,10 @@ class RowSlots:
 
     def assign(self, slots: Sequence[int], device: torch.device | str = "cpu") -> None:
         self.slots = [int(s) for s in slots]
+        self.device = device
         self.used = frozenset(s for s in self.slots if s >= 0)
         order = sorted((i for i, s in enumerate(self.slots) if s >= 0), key=lambda i: self.slots[i])
         self.order = torch.tensor(order, dtype=torch.long, device=device)
-        self.lora_slots = torch.tensor([self.slots[i] for i in order], dtype=torch.long, device=device)
         self.spans: list[tuple[int, int, int]] = []  # (slot, start, stop) over `order`
         for pos, i in enumerate(order):
             if self.spans and self.spans[-1][0] == self.slots[i]:
@@ -64,14 +91,43 @@ class RowSlots:
             else:
                 self.spans.append((self.slots[i], pos, pos + 1))
         self.span_sizes = [stop - start for _, start, stop in self.spans]
-        self.slot_range = (min(self.used), max(self.used) + 1) if self.used else (0, 0)
-        self.depth = max(self.span_sizes, default=0)  # the most rows on one slot
-        cells = [(slot - self.slot_range[0]) * self.depth + k for slot, start, stop in self.spans
-                 for k in range(stop - start)]
-        self.cells = torch.tensor(cells, dtype=torch.long, device=device)  # sorted row → cell of the slot grid
+        self._groups: dict[tuple, list[RankGroup]] = {}
 
     def __len__(self) -> int:
         return len(self.slots)
+
+    def groups(self, factors: SlotFactors) -> list[RankGroup]:
+        """The rows with an adapter in `factors`, grouped by the rank-class stack that holds it."""
+        found = self._groups.get(factors.layout)
+        if found is None:
+            found = self._groups[factors.layout] = self._group(factors)
+        return found
+
+    def _group(self, factors: SlotFactors) -> list[RankGroup]:
+        by_class: dict[int, list[tuple[int, int]]] = {}  # cap → [(position, row)]
+        for row, slot in enumerate(self.slots):
+            if slot >= 0 and factors.where[slot] is not None:
+                cap, position = factors.where[slot]
+                by_class.setdefault(cap, []).append((position, row))
+        groups = []
+        for cap, members in sorted(by_class.items()):
+            members.sort()
+            positions = [p for p, _ in members]
+            count = {p: positions.count(p) for p in positions}
+            lo, hi, depth = positions[0], positions[-1] + 1, max(count.values())
+            cells, seen = [], dict.fromkeys(count, 0)
+            for p in positions:
+                cells.append((p - lo) * depth + seen[p])
+                seen[p] += 1
+            owners = factors.classes[cap].owner
+            ranks = [factors.ranks[owners[p]] for p in count]
+
+            def tensor(values: list[int]) -> torch.Tensor:
+                return torch.tensor(values, dtype=torch.long, device=self.device)
+
+            groups.append(RankGroup(cap, max(ranks), tensor([r for _, r in members]), tensor(positions), lo, hi,
+                                    depth, tensor(cells), len(count), sum(ranks)))
+        return groups
 
     def scratch(self, key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A reusable buffer of `shape` for the kernels: layers run one after another, so one per key
@@ -84,19 +140,57 @@ class RowSlots:
         return buf[:size].view(shape)
 
 
-class SlotFactors:
-    """One layer's stacked factors: A as `a` [slots, r_cap, in] and B as `bt` [slots, r_cap, out]
-    (stored transposed, with the scale folded in).
+class RankStack:
+    """The slots of one layer whose adapters fall in one rank class: A as `a` [n, cap, in] and B as
+    `bt` [n, cap, out] (Bᵀ, scale folded in), zero-padded to `cap`; `owner[p]` is the slot at
+    position p (-1: free). It grows by a quarter when full; positions never move."""
 
-    B is kept as Bᵀ because h @ Bᵀ with Bᵀ row-major runs 3–4× faster on CPU than through a
-    transposed view of [out, r]. `pairs[slot]` are the views (Aᵀ, Bᵀ) cut to that slot's rank
-    (0 for an empty slot), kept ready so a kernel spends no calls slicing them."""
+    def __init__(self, cap: int, in_features: int, out_features: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        self.cap = cap
+        self.a = torch.zeros(0, cap, in_features, dtype=dtype, device=device)
+        self.bt = torch.zeros(0, cap, out_features, dtype=dtype, device=device)
+        self.owner: list[int] = []
+
+    def take(self, slot: int) -> int:
+        """A free position for `slot` (the lowest, so the positions in use stay packed)."""
+        position = next((p for p, o in enumerate(self.owner) if o < 0), None)
+        if position is None:
+            position, n = len(self.owner), len(self.owner) + max(1, len(self.owner) // 4)
+            grown_a = self.a.new_zeros(n, *self.a.shape[1:])
+            grown_bt = self.bt.new_zeros(n, *self.bt.shape[1:])
+            grown_a[:position], grown_bt[:position] = self.a, self.bt
+            self.a, self.bt = grown_a, grown_bt  # complete before it is seen: the engine may be reading
+            self.owner += [-1] * (n - position)
+        self.owner[position] = slot
+        return position
+
+    def free(self, position: int) -> None:
+        self.a[position].zero_()
+        self.bt[position].zero_()
+        self.owner[position] = -1
+
+
+class SlotFactors:
+    """One layer's LoRA factors for every pool slot, in one `RankStack` per rank class.
+
+    An adapter of rank r sits in the stack of capacity `rank_class(r)` (the next power of two),
+    so a kernel that reads whole stacks reads at most twice the adapters' own numbers, and
+    the memory held is within 2× of it, where one stack padded to the largest rank held 8×
+    for a rank-8 adapter beside a rank-64 one (S-LoRA's unified paging answers the same
+    problem with pages). `where[slot]` is (class, position) or None; `pairs[slot]` the views
+    (Aᵀ, Bᵀ) cut to that slot's rank, kept ready so a kernel spends no calls slicing them; B is
+    kept as Bᵀ because h @ Bᵀ with Bᵀ row-major runs 3–4× faster on CPU than through a
+    transposed view of [out, r]."""
 
     def __init__(self, num_slots: int, in_features: int, out_features: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> None:
-        self.a = torch.zeros(num_slots, 0, in_features, dtype=dtype, device=device)
-        self.bt = torch.zeros(num_slots, 0, out_features, dtype=dtype, device=device)
+        self.shape, self.dtype, self.device = (in_features, out_features), dtype, device
+        self.classes: dict[int, RankStack] = {}
+        self.where: list[tuple[int, int] | None] = [None] * num_slots
         self.ranks = [0] * num_slots
+        self._empty = (torch.zeros(in_features, 0, dtype=dtype, device=device),
+                       torch.zeros(0, out_features, dtype=dtype, device=device))
         self._refresh()
 
     @classmethod
@@ -110,108 +204,125 @@ class SlotFactors:
 
     @torch.inference_mode()  # the engine reads these in inference mode; update them in it too
     def write(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Put A [r, in] and scale·B [out, r] into `slot`; the rank capacity grows if r exceeds it."""
-        r = a.shape[0]
-        if r > self.a.shape[1]:
-            grown_a = self.a.new_zeros(self.a.shape[0], r, self.a.shape[2])
-            grown_bt = self.bt.new_zeros(self.bt.shape[0], r, self.bt.shape[2])
-            grown_a[:, : self.a.shape[1]] = self.a
-            grown_bt[:, : self.bt.shape[1]] = self.bt
-            self.a, self.bt = grown_a, grown_bt
-        self.a[slot].zero_()
-        self.bt[slot].zero_()
-        self.a[slot, :r] = a
-        self.bt[slot, :r] = b.T * scale
+        """Put A [r, in] and scale·B [out, r] into `slot`, in the stack of its rank class."""
+        r, cap = a.shape[0], rank_class(a.shape[0])
+        if self.where[slot] is not None and self.where[slot][0] != cap:
+            self.clear(slot)
+        if self.where[slot] is None:
+            if cap not in self.classes:
+                self.classes[cap] = RankStack(cap, *self.shape, self.dtype, self.device)
+            self.where[slot] = (cap, self.classes[cap].take(slot))
+        stack, position = self.classes[cap], self.where[slot][1]
+        stack.a[position].zero_()
+        stack.bt[position].zero_()
+        stack.a[position, :r] = a
+        stack.bt[position, :r] = b.T * scale
         self.ranks[slot] = r
         self._refresh()
 
     @torch.inference_mode()
     def clear(self, slot: int) -> None:
-        self.a[slot].zero_()
-        self.bt[slot].zero_()
+        if self.where[slot] is not None:
+            cap, position = self.where[slot]
+            self.classes[cap].free(position)
+            if all(o < 0 for o in self.classes[cap].owner):
+                del self.classes[cap]
+        self.where[slot] = None
         self.ranks[slot] = 0
         self._refresh()
 
     def _refresh(self) -> None:
-        self.pairs = [(self.a[s, :r].T, self.bt[s, :r]) for s, r in enumerate(self.ranks)]
+        self.pairs = [self._empty if w is None else
+                      (self.classes[w[0]].a[w[1], :r].T, self.classes[w[0]].bt[w[1], :r])
+                      for w, r in zip(self.where, self.ranks)]
+        self.layout = tuple(self.where)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every stacked tensor (A and Bᵀ of each rank class)."""
+        return [t for stack in self.classes.values() for t in (stack.a, stack.bt)]
 
     def allocated_bytes(self) -> int:
-        return (self.a.numel() + self.bt.numel()) * self.a.element_size()
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
-def _lora_rows(x: torch.Tensor, rows: RowSlots) -> torch.Tensor:
-    """x's rows that use an adapter, sorted by slot, as [rows, tokens, in] (in reused scratch memory)."""
+def _select_rows(x: torch.Tensor, index: torch.Tensor, rows: RowSlots, key: str = "x") -> torch.Tensor:
+    """x's rows `index` as [rows, tokens, in] (in reused scratch memory)."""
     x = x.reshape(x.shape[0], -1, x.shape[-1])
-    return torch.index_select(x, 0, rows.order, out=rows.scratch("x", (len(rows.order), *x.shape[1:]), x))
+    return torch.index_select(x, 0, index, out=rows.scratch(key, (len(index), *x.shape[1:]), x))
 
 
-def _add_rows(out: torch.Tensor, rows: RowSlots, delta: torch.Tensor) -> None:
-    out.view(out.shape[0], -1, out.shape[-1]).index_add_(0, rows.order, delta)
+def _add_rows(out: torch.Tensor, index: torch.Tensor, delta: torch.Tensor) -> None:
+    out.view(out.shape[0], -1, out.shape[-1]).index_add_(0, index, delta)
 
 
 def add_bgmv(out: torch.Tensor, x: torch.Tensor, factors: SlotFactors, rows: RowSlots) -> None:
-    """out[i] += B[s_i] A[s_i] x[i] for every row with a slot, by gathering each row's factors."""
-    r = max(factors.ranks[s] for s in rows.used)
-    n = len(rows.order)
-    xs = _lora_rows(x, rows)
-    a = torch.index_select(factors.a[:, :r], 0, rows.lora_slots, out=rows.scratch("a", (n, r, xs.shape[2]), xs))
-    bt = torch.index_select(factors.bt[:, :r], 0, rows.lora_slots,
-                            out=rows.scratch("b", (n, r, factors.bt.shape[2]), xs))
-    h = torch.bmm(xs, a.transpose(1, 2))
-    _add_rows(out, rows, torch.bmm(h, bt, out=rows.scratch("delta", (n, xs.shape[1], bt.shape[2]), xs)))
+    """out[i] += B[s_i] A[s_i] x[i] for every row with a slot, by gathering each row's factors
+    (per rank class, cut to the largest rank in use there)."""
+    for g in rows.groups(factors):
+        stack, n = factors.classes[g.cap], len(g.rows)
+        xs = _select_rows(x, g.rows, rows)
+        a = torch.index_select(stack.a[:, : g.rank], 0, g.positions,
+                               out=rows.scratch("a", (n, g.rank, xs.shape[2]), xs))
+        bt = torch.index_select(stack.bt[:, : g.rank], 0, g.positions,
+                                out=rows.scratch("b", (n, g.rank, stack.bt.shape[2]), xs))
+        h = torch.bmm(xs, a.transpose(1, 2))
+        _add_rows(out, g.rows, torch.bmm(h, bt, out=rows.scratch("delta", (n, xs.shape[1], bt.shape[2]), xs)))
 
 
 def add_sgmv(out: torch.Tensor, x: torch.Tensor, factors: SlotFactors, rows: RowSlots) -> None:
     """out[i] += B[s_i] A[s_i] x[i] with one pair of matmuls per run of rows sharing a slot."""
-    xs = _lora_rows(x, rows)
+    xs = _select_rows(x, rows.order, rows)
     n, tokens = xs.shape[:2]
-    delta = rows.scratch("delta", (n * tokens, factors.bt.shape[2]), xs)
+    delta = rows.scratch("delta", (n * tokens, factors.shape[1]), xs)
     sizes = [k * tokens for k in rows.span_sizes]
     for part, part_out, (slot, _, _) in zip(xs.view(n * tokens, -1).split(sizes), delta.split(sizes), rows.spans):
         at, bt = factors.pairs[slot]
         torch.mm(part @ at, bt, out=part_out)
-    _add_rows(out, rows, delta.view(n, tokens, -1))
+    _add_rows(out, rows.order, delta.view(n, tokens, -1))
 
 
 def add_slot_grid(out: torch.Tensor, x: torch.Tensor, factors: SlotFactors, rows: RowSlots) -> None:
-    """out[i] += B[s_i] A[s_i] x[i] with two batched matmuls straight over the stacked factors.
+    """out[i] += B[s_i] A[s_i] x[i] with two batched matmuls per rank class, straight over its stack.
 
-    The rows are scattered into a grid of [slots in use' range, most rows on one slot, tokens]
-    (zeros elsewhere), so nothing of the factors is copied and there are two calls in all; the
-    price is reading every slot of the range at the largest rank in use, and computing the
+    A class's rows are scattered into a grid of [positions in use' range, most rows on one
+    position, tokens] (zeros elsewhere), so nothing of the factors is copied; the price is
+    reading every position of the range at the class's largest rank in use, and computing the
     grid's empty cells."""
-    lo, hi = rows.slot_range
-    r = max(factors.ranks[s] for s in rows.used)
-    xs = _lora_rows(x, rows)
-    tokens, d_in = xs.shape[1:]
-    grid = rows.scratch("grid", ((hi - lo) * rows.depth, tokens, d_in), xs).zero_()
-    grid.index_copy_(0, rows.cells, xs)
-    h = torch.bmm(grid.view(hi - lo, -1, d_in), factors.a[lo:hi, :r].transpose(1, 2))
-    d_out = factors.bt.shape[2]
-    delta = torch.bmm(h, factors.bt[lo:hi, :r], out=rows.scratch("delta", (hi - lo, h.shape[1], d_out), xs))
-    _add_rows(out, rows, delta.view(-1, tokens, d_out).index_select(0, rows.cells))
+    for g in rows.groups(factors):
+        stack = factors.classes[g.cap]
+        xs = _select_rows(x, g.rows, rows)
+        tokens, d_in = xs.shape[1:]
+        grid = rows.scratch("grid", ((g.hi - g.lo) * g.depth, tokens, d_in), xs).zero_()
+        grid.index_copy_(0, g.cells, xs)
+        h = torch.bmm(grid.view(g.hi - g.lo, -1, d_in), stack.a[g.lo : g.hi, : g.rank].transpose(1, 2))
+        d_out = stack.bt.shape[2]
+        delta = torch.bmm(h, stack.bt[g.lo : g.hi, : g.rank],
+                          out=rows.scratch("delta", (g.hi - g.lo, h.shape[1], d_out), xs))
+        _add_rows(out, g.rows, delta.view(-1, tokens, d_out).index_select(0, g.cells))
 
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, SlotFactors, RowSlots], None]
 BGMV_MAX_RANK = 16
-GRID_MIN_SPANS = 8  # below this SGMV's calls cost less than reading a whole slot range
-GRID_MAX_CELLS = 4  # rows on one slot × tokens per row: beyond it the grid's empty cells cost too much
-# The ranks in use over the range's slots × the largest rank, by intra-op threads: the grid's few
-# large bmm calls spread over threads and SGMV's many small ones do not, so with one thread the
-# grid pays for its padding only when the ranks are nearly equal.
+GRID_MIN_SPANS = 8  # below this SGMV's calls cost less than reading whole slot ranges
+GRID_MAX_TOKENS = 16  # tokens per row: measured up to a 16-token prefill, where the grid still won
+# What the grid uses over what it reads and computes (the ranks in use over each range's
+# positions × its largest rank; the rows over the grid's cells), by intra-op threads: the grid's
+# few large bmm calls spread over threads and SGMV's many small ones do not, so with one thread
+# the grid pays for its padding only when it is small.
 GRID_MIN_FILL_ONE_THREAD, GRID_MIN_FILL_THREADED = 0.75, 0.4
 
 
 def choose_kernel(rows: RowSlots, factors: SlotFactors, tokens: int = 1) -> Kernel:
-    """The slot grid when many adapters fill most of their slot range at decode; BGMV when every
+    """The slot grid when many adapters fill most of what it reads and computes; BGMV when every
     row has an adapter of its own and the ranks in use are small; else SGMV."""
-    ranks = [factors.ranks[s] for s in rows.used]
-    lo, hi = rows.slot_range
+    groups = rows.groups(factors)
+    ranks_read, ranks_used = sum((g.hi - g.lo) * g.rank for g in groups), sum(g.rank_sum for g in groups)
+    cells, cells_used = sum((g.hi - g.lo) * g.depth for g in groups), sum(len(g.rows) for g in groups)
     min_fill = GRID_MIN_FILL_ONE_THREAD if torch.get_num_threads() == 1 else GRID_MIN_FILL_THREADED
-    if (len(rows.spans) >= GRID_MIN_SPANS and rows.depth * tokens <= GRID_MAX_CELLS
-            and sum(ranks) >= min_fill * (hi - lo) * max(ranks)):
+    if (sum(g.distinct for g in groups) >= GRID_MIN_SPANS and tokens <= GRID_MAX_TOKENS
+            and ranks_used >= min_fill * ranks_read and cells_used >= min_fill * cells):
         return add_slot_grid
-    if len(rows.spans) == len(rows.order) and max(ranks) <= BGMV_MAX_RANK:
+    if len(rows.spans) == len(rows.order) and max((g.rank for g in groups), default=0) <= BGMV_MAX_RANK:
         return add_bgmv
     return add_sgmv
 
@@ -254,7 +365,7 @@ class BatchedLoRALinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"slots={len(self.factors.ranks)}, rank_capacity={self.factors.a.shape[1]}"
+        return f"slots={len(self.factors.ranks)}, rank_classes={sorted(self.factors.classes)}"
 
 
 def wrap_linear(model: nn.Module, path: str, rows: RowSlots, num_slots: int) -> BatchedLoRALinear:

@@ -26,6 +26,7 @@ or a callback; `start()` runs the step loop in a thread for a server.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import queue
 import threading
@@ -169,6 +170,9 @@ class Engine:
         if overlap:
             raise ValueError(f"adapters {overlap} are both attached to the model and registered in the pool")
         self.decoder = model.get_decoder()
+        # transformers ≥ 5.24 names the cache argument `cache`; older releases `past_key_values`
+        takes_cache = "cache" in inspect.signature(self.decoder.forward).parameters
+        self._cache_kwarg = "cache" if takes_cache else "past_key_values"
         self.tokenizer = tokenizer
         self.pool = pool
         self.max_batch = max_batch
@@ -338,8 +342,8 @@ class Engine:
         positions, mask = self.cache.prepare(start, start + len(handles), ids.shape[1], self.device, self._float_mask)
 
         def forward() -> torch.Tensor:
-            return self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=self.cache, use_cache=True).last_hidden_state
+            return self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                **{self._cache_kwarg: self.cache}).last_hidden_state
 
         if not self.attached:
             return forward()

@@ -10,8 +10,8 @@ lengths are exact without left-padding, a prefill batch is simply right-padded (
 past the prompt and are never attended to), rows join in the next free rows and leave by
 moving the last row into the hole, touching no other row.
 
-It is a transformers `Cache`, passed as `past_key_values` together with the 4D mask and
-position ids from `prepare`.
+It is a transformers `Cache`, passed as the decoder's cache argument together with the 4D
+mask and position ids from `prepare`.
 """
 
 from __future__ import annotations
