@@ -9,24 +9,29 @@ a forward pass uses slot `RowSlots.slots[i]`, or the base model alone for -1.
 
 Three ways to add the rows' low-rank updates to the base output:
 
-- `add_bgmv` (Punica's batched gather matrix-vector product): gather every row's A and B
-  (cut to the largest rank in use) and do two batched matmuls; the cost does not depend on
-  how the rows share adapters, but the gather copies r·(in + out) numbers per row.
+- `add_bgmv` (Punica's batched gather matrix-vector product): per rank class, gather every
+  row's A and B (cut to the largest rank in use there) and do two batched matmuls; the cost
+  does not depend on how the rows share adapters, but the gather copies r·(in + out) numbers
+  per row.
 - `add_sgmv` (segmented gather, S-LoRA/Punica): rows sorted by slot, one pair of matmuls per
   run of rows that share a slot, each cut to that adapter's own rank.
-- `add_slot_grid`: the rows scattered into a [slots, rows per slot, tokens] grid and two
-  batched matmuls straight over the stacked factors of the slot range in use: no copy of the
-  factors and two calls in all, but every slot of the range is read at the largest rank.
+- `add_slot_grid`: per rank class, the rows scattered into a [positions, rows per position,
+  tokens] grid and two batched matmuls straight over the stack's positions in use: no copy of
+  the factors and two calls per class, but every position of the range is read and every cell
+  of the grid computed.
 
 `choose_kernel` picks per call. Measured on this 2-core CPU (`bench/serve.py --kernels`,
-SmolLM2-135M layer shapes): SGMV is as fast or faster than BGMV (up to 10× at decode when rows
-share adapters) except when every row has an adapter of its own and the rank is small (≤ 16),
-where BGMV wins by up to ~20%. With many distinct adapters at decode SGMV's two calls per
-adapter dominate, and the grid takes 0.4–0.9× SGMV's time when the ranks are equal. With mixed
-ranks (8–64, so half of what the grid reads is padding) it depends on threads: on one thread
-the grid loses (1.6–2.3× SGMV's time), on two it is 0.83× on a 576×576 layer and 1.27× on
-576×1536, since its two large calls spread over threads and SGMV's small ones do not. With few
-adapters, or prefill's many tokens, the grid loses. All three reuse scratch buffers across layers.
+SmolLM2-135M layer shapes, one layer at a time): SGMV is as fast or faster than BGMV (up to
+10× at decode when rows share adapters) except when every row has an adapter of its own and
+the rank is small (≤ 16), where BGMV wins by up to ~20%. With many distinct adapters SGMV's two
+calls per adapter dominate, and the grid takes 0.4–0.9× SGMV's time at decode when it reads no
+padding; it gains more inside the model, where the factors of 120 layers come from memory
+rather than cache: in one profiled `bench/serve.py` batch of 64 adapters (ranks 8–64, 64 rows,
+2 threads) the LoRA part of the decode steps took 1.1 s with one stack padded to rank 64 and
+0.9 s with rank classes, and of the 16-token prefill 0.40 s in SGMV against 0.19 s in the grid.
+Its padding costs most on one thread (a grid half padding took 1.6–2.3× SGMV's time there,
+0.8–1.3× on two, whose large calls spread over threads while SGMV's small ones do not), hence
+a stricter fill on one thread. All three reuse scratch buffers across layers.
 
 `BatchedLoRALinear` wraps one `nn.Linear` and reads the shared `RowSlots`, which the serving
 engine sets before each forward pass.

@@ -97,7 +97,7 @@ class PoolStats:
     prefetched: int
     load_errors: int
     bytes_resident: int  # the resident adapters' own factors
-    bytes_allocated: int  # the stacked slots, padded to each layer's largest rank
+    bytes_allocated: int  # the stacked slots: per layer, one stack per rank class (the next power of two)
 
 
 class AdapterPool:
