@@ -130,10 +130,14 @@ def test_kernel_rule(monkeypatch, threads):
     many = SlotFactors.stack([(torch.randn(r, 4), torch.randn(4, r), 1.0) for r in (8, 16, 32, 64) * 4])
     equal = SlotFactors.stack([(torch.randn(32, 4), torch.randn(4, 32), 1.0)] * 16)
     assert choose_kernel(RowSlots(range(16)), equal) is add_slot_grid  # 16 adapters of one rank
+    small = SlotFactors.stack([(torch.randn(16, 4), torch.randn(4, 16), 1.0)] * 16)
+    assert choose_kernel(RowSlots(range(16)), small) is add_slot_grid  # decode: the grid
+    assert choose_kernel(RowSlots(range(16)), small, tokens=16) is add_bgmv  # prefill, small ranks: BGMV
     assert choose_kernel(RowSlots(range(16)), many) is add_slot_grid  # rank classes: no padding read
     half = choose_kernel(RowSlots(range(0, 16, 2)), equal)  # every other place: half of what it reads is unused
     assert half is (add_slot_grid if threads > 1 else add_sgmv)
     assert choose_kernel(RowSlots(range(0, 16, 4)), equal) is add_sgmv  # 4 adapters: too few
+    assert choose_kernel(RowSlots(range(8)), many) is add_sgmv  # 8 adapters, but 2 per rank class
     assert choose_kernel(RowSlots(range(16)), many, tokens=16) is add_slot_grid  # a short prefill
     assert choose_kernel(RowSlots(range(16)), many, tokens=64) is add_sgmv  # a long one: not measured to win
     assert choose_kernel(RowSlots(list(range(16)) * 5), many) is add_slot_grid  # 5 rows on every slot: a full grid
