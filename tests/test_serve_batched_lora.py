@@ -81,13 +81,14 @@ def run_alone(ref: torch.nn.Module, adapter: str | None, fn):
 
 @pytest.mark.parametrize("kernel", [add_bgmv, add_sgmv, add_slot_grid])
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_kernels_give_each_row_its_own_adapter(kernel, tokens):
+@pytest.mark.parametrize("slots", [[2, -1, 0, 2, 1, -1, 0, 4, 5, 3, 4],
+                                   [5, 2, -1, 2, 5, 3, 0, 0, 4, 4]])  # rank class 8's grid full, two rows a place
+def test_kernels_give_each_row_its_own_adapter(kernel, tokens, slots):
     g = torch.Generator().manual_seed(0)
     factors = [(torch.randn(r, 16, generator=g), torch.randn(12, r, generator=g), s)  # rank classes 4, 8 and 2
                for r, s in ((3, 1.0), (4, 0.5), (8, 2.0), (2, 1.0), (4, 1.5), (7, 0.5))]
     stacked = SlotFactors.stack(factors)
     stacked.clear(1)  # an empty slot (an adapter without this layer) adds nothing, and leaves a hole
-    slots = [2, -1, 0, 2, 1, -1, 0, 4, 5, 3, 4]
     x = torch.randn(len(slots), tokens, 16, generator=g)
     base_out = torch.randn(len(slots), tokens, 12, generator=g)
     out = base_out.clone()
