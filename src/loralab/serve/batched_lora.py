@@ -284,12 +284,18 @@ def _add_rows(out: torch.Tensor, index: torch.Tensor, delta: torch.Tensor) -> No
     out.view(out.shape[0], -1, out.shape[-1]).index_add_(0, index, delta)
 
 
+def _class_rows(x: torch.Tensor, factors: SlotFactors,
+                rows: RowSlots) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows.class_order, x's rows in that order, scratch for their deltas) for the per-class kernels."""
+    order = rows.class_order(factors)
+    xs = _select_rows(x, order, rows)
+    return order, xs, rows.scratch("delta", (*xs.shape[:2], factors.shape[1]), xs)
+
+
 def add_bgmv(out: torch.Tensor, x: torch.Tensor, factors: SlotFactors, rows: RowSlots) -> None:
     """out[i] += B[s_i] A[s_i] x[i] for every row with a slot, by gathering each row's factors
     (per rank class, cut to the largest rank in use there)."""
-    order = rows.class_order(factors)
-    x_all = _select_rows(x, order, rows)
-    delta = rows.scratch("delta", (*x_all.shape[:2], factors.shape[1]), x_all)
+    order, x_all, delta = _class_rows(x, factors, rows)
     for g in rows.groups(factors):
         stack, n = factors.classes[g.cap], len(g.rows)
         xs = x_all[g.start : g.start + n]
@@ -320,10 +326,8 @@ def add_slot_grid(out: torch.Tensor, x: torch.Tensor, factors: SlotFactors, rows
     position, tokens] (zeros elsewhere), so nothing of the factors is copied; the price is
     reading every position of the range at the class's largest rank in use, and computing the
     grid's empty cells."""
-    order = rows.class_order(factors)
-    x_all = _select_rows(x, order, rows)
-    tokens, d_in, d_out = x_all.shape[1], x_all.shape[2], factors.shape[1]
-    delta = rows.scratch("delta", (len(order), tokens, d_out), x_all)
+    order, x_all, delta = _class_rows(x, factors, rows)
+    tokens, d_in, d_out = delta.shape[1], x_all.shape[2], delta.shape[2]
     for g in rows.groups(factors):
         stack, positions = factors.classes[g.cap], g.hi - g.lo
         xs, ds = x_all[g.start : g.start + len(g.rows)], delta[g.start : g.start + len(g.rows)]
@@ -332,11 +336,10 @@ def add_slot_grid(out: torch.Tensor, x: torch.Tensor, factors: SlotFactors, rows
             grid = rows.scratch("grid", (positions * g.depth, tokens, d_in), xs).zero_()
             grid.index_copy_(0, g.cells, xs)
         h = torch.bmm(grid.view(positions, -1, d_in), stack.a[g.lo : g.hi, : g.rank].transpose(1, 2))
-        bt = stack.bt[g.lo : g.hi, : g.rank]
-        if g.full:
-            torch.bmm(h, bt, out=ds.view(positions, -1, d_out))
-        else:
-            cells = torch.bmm(h, bt, out=rows.scratch("grid delta", (positions, h.shape[1], d_out), xs))
+        cells = (ds.view(positions, -1, d_out) if g.full
+                 else rows.scratch("grid delta", (positions, h.shape[1], d_out), xs))
+        torch.bmm(h, stack.bt[g.lo : g.hi, : g.rank], out=cells)
+        if not g.full:
             torch.index_select(cells.view(-1, tokens, d_out), 0, g.cells, out=ds)
     _add_rows(out, order, delta)
 
