@@ -3,6 +3,8 @@
 SmolLM2-135M's shape (random weights: only the shape matters for time), LoRA r=16 on all
 seven projections of every layer. Floor = the frozen base's forward + backward (activation
 gradients only), or its forward for inference. Run: `.venv/bin/python bench/train_step.py`.
+`--ranks 1 16 64` instead times the LoRA train step at each rank, which separates what a
+LoRA layer costs whatever its rank (passes over the activations) from what grows with r.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ def smollm2_shape(layers: int) -> LlamaForCausalLM:
     return model
 
 
-def make_models(base: torch.nn.Module, dora: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+def make_models(base: torch.nn.Module, dora: bool, r: int = 16) -> tuple[torch.nn.Module, torch.nn.Module]:
     ours = copy.deepcopy(base)
-    ll.add_adapter(ours, ll.AdapterSpec(method="dora" if dora else "lora", r=16, alpha=32, targets=TARGETS))
-    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
+    ll.add_adapter(ours, ll.AdapterSpec(method="dora" if dora else "lora", r=r, alpha=32, targets=TARGETS))
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=32, target_modules=TARGETS,
                                                             use_dora=dora))
     for m in (ours, theirs):  # non-zero B so no path can shortcut a zero update
         with torch.no_grad():
@@ -65,17 +67,33 @@ def forward_fn(model: torch.nn.Module, ids: torch.Tensor):
     return fwd
 
 
+def rank_sweep(base: torch.nn.Module, ids: torch.Tensor, ranks: list[int], rounds: int) -> None:
+    contenders = {"floor": step_fn(base, ids, floor=True)}
+    for r in ranks:
+        ours, theirs = make_models(base, dora=False, r=r)
+        contenders[f"loralab r={r}"], contenders[f"peft r={r}"] = step_fn(ours, ids), step_fn(theirs, ids)
+    times = interleaved(contenders, "floor", rounds=rounds, repeats=1)
+    table = [[str(r), f"{times[f'loralab r={r}']['ratio']:.3f}x", f"{times[f'peft r={r}']['ratio']:.3f}x"]
+             for r in ranks]
+    print(f"LoRA train step by rank, {rounds} interleaved rounds, floor {times['floor']['seconds'] * 1000:.0f} ms")
+    print(markdown_table(["r", "loralab / floor", "PEFT / floor"], table))
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ranks", type=int, nargs="+", help="time only the LoRA train step, at each of these ranks")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = smollm2_shape(args.layers)
     ids = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    if args.ranks:
+        rank_sweep(base, ids, args.ranks, args.rounds)
+        return
     lora_ours, lora_peft = make_models(base, dora=False)
     dora_ours, dora_peft = make_models(base, dora=True)
 
