@@ -133,11 +133,14 @@ def test_kernel_rule(monkeypatch, threads):
     assert choose_kernel(RowSlots(range(16)), equal) is add_slot_grid  # 16 adapters of one rank
     small = SlotFactors.stack([(torch.randn(16, 4), torch.randn(4, 16), 1.0)] * 16)
     assert choose_kernel(RowSlots(range(16)), small) is add_slot_grid  # decode: the grid
-    assert choose_kernel(RowSlots(range(16)), small, tokens=16) is add_bgmv  # prefill, small ranks: BGMV
+    assert choose_kernel(RowSlots(range(16)), small, tokens=16) is add_slot_grid  # a prefill too
+    assert choose_kernel(RowSlots([4, 5]), small) is add_slot_grid  # one rank class: 2 adapters are enough
+    sparse = RowSlots([0, 15])  # but not when most of the range between them is unread padding
+    assert choose_kernel(sparse, small) is add_bgmv and choose_kernel(sparse, small, tokens=16) is add_bgmv
     assert choose_kernel(RowSlots(range(16)), many) is add_slot_grid  # rank classes: no padding read
     half = choose_kernel(RowSlots(range(0, 16, 2)), equal)  # every other place: half of what it reads is unused
     assert half is (add_slot_grid if threads > 1 else add_sgmv)
-    assert choose_kernel(RowSlots(range(0, 16, 4)), equal) is add_sgmv  # 4 adapters: too few
+    assert choose_kernel(RowSlots(range(0, 16, 4)), equal) is add_sgmv  # a quarter of the range in use
     assert choose_kernel(RowSlots(range(8)), many) is add_sgmv  # 8 adapters, but 2 per rank class
     assert choose_kernel(RowSlots(range(16)), many, tokens=16) is add_slot_grid  # a short prefill
     assert choose_kernel(RowSlots(range(16)), many, tokens=64) is add_sgmv  # a long one: not measured to win

@@ -27,17 +27,20 @@ full-grid case cut the grid's time over SmolLM2's 120 q/k/v/o layers from 82 to 
 about what reading the 885 MB of stacked factors takes at this machine's ~17 GB/s.
 
 `choose_kernel` picks per call. Measured on this 2-core CPU (`bench/serve.py --kernels`,
-SmolLM2-135M layer shapes, one layer at a time): SGMV is as fast or faster than BGMV (up to
-10× at decode when rows share adapters) except when every row has an adapter of its own and
-the rank is small (≤ 16), where BGMV wins by up to ~20%. With many distinct adapters SGMV's two
-calls per adapter dominate, and the grid takes 0.4–0.9× SGMV's time at decode when it reads no
-padding; it gains more inside the model, where the factors of 120 layers come from memory
-rather than cache: in one profiled `bench/serve.py` batch of 64 adapters (ranks 8–64, 64 rows,
-2 threads) the LoRA part of the decode steps took 1.1 s with one stack padded to rank 64 and
-0.9 s with rank classes, and of the 16-token prefill 0.40 s in SGMV against 0.19 s in the grid.
-Its padding costs most on one thread (a grid half padding took 1.6–2.3× SGMV's time there,
-0.8–1.3× on two, whose large calls spread over threads while SGMV's small ones do not), hence
-a stricter fill on one thread. All three reuse scratch buffers across layers.
+SmolLM2-135M layer shapes, one layer at a time, refitted after the grid's full-grid path): the
+grid takes 0.3–0.9× SGMV's time whenever each rank class in use holds enough distinct adapters
+— 2 with one class, 4 a class with several (2 a class took it 1.0–1.1× at decode) — and, with
+every row on an adapter of its own at rank ≤ 16, 0.46–0.95× against BGMV's 0.57–1.1× (decode
+and 16-token prefills, one or two threads). BGMV is kept for batches the grid does not fit
+(few adapters a class, sparse slots) where every row has its own small-rank adapter; SGMV for
+the rest (up to 10× faster than BGMV when rows share adapters). The grid gains more inside the
+model than alone, where the factors of 120 layers come from memory rather than cache: in one
+profiled `bench/serve.py` batch of 64 adapters (ranks 8–64, 64 rows, 2 threads) the LoRA part of
+the decode steps took 1.1 s with one stack padded to rank 64 and 0.9 s with rank classes, and
+of the 16-token prefill 0.40 s in SGMV against 0.19 s in the grid. Its padding costs most on
+one thread (a grid half padding took 1.6–2.3× SGMV's time there, 0.8–1.3× on two, whose large
+calls spread over threads while SGMV's small ones do not), hence a stricter fill on one thread.
+All three reuse scratch buffers across layers.
 
 `BatchedLoRALinear` wraps one `nn.Linear` and reads the shared `RowSlots`, which the serving
 engine sets before each forward pass.
@@ -346,9 +349,9 @@ def add_slot_grid(out: torch.Tensor, x: torch.Tensor, factors: SlotFactors, rows
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, SlotFactors, RowSlots], None]
 BGMV_MAX_RANK = 16
-GRID_MIN_SPANS = 8  # below this SGMV's calls cost less than reading whole slot ranges
-# ... and per rank class in use, since the grid's calls are per class: measured on ranks 8–64
-# (four classes), 8 adapters (2 a class) took the grid 1.8–2× SGMV's time, 16 (4 a class) 0.65–1.06×
+# Distinct adapters the grid needs per rank class when several classes are in use (its calls are
+# per class): on ranks 8–64 (four classes) 2 a class took it 1.0–1.1× SGMV's time at decode, 4 a
+# class 0.4–0.9×. With one class, 2 adapters already took it 0.7–0.98× SGMV's time.
 GRID_MIN_PER_CLASS = 4
 GRID_MAX_TOKENS = 16  # tokens per row: measured up to a 16-token prefill, where the grid still won
 # What the grid uses over what it reads and computes (the ranks in use over each range's
@@ -359,20 +362,18 @@ GRID_MIN_FILL_ONE_THREAD, GRID_MIN_FILL_THREADED = 0.75, 0.4
 
 
 def choose_kernel(rows: RowSlots, factors: SlotFactors, tokens: int = 1) -> Kernel:
-    """BGMV when every row has an adapter of its own and the ranks in use are small, except at
-    decode with many adapters filling most of what the slot grid reads and computes, where the
-    grid wins; else SGMV."""
+    """The slot grid when enough distinct adapters share each rank class in use and the grid is
+    mostly filled; else BGMV when every row has an adapter of its own and the ranks in use are
+    small; else SGMV."""
     groups = rows.groups(factors)
-    bgmv_fits = len(rows.spans) == len(rows.order) and max((g.rank for g in groups), default=0) <= BGMV_MAX_RANK
-    if bgmv_fits and tokens > 1:
-        return add_bgmv  # measured at 16-token prefills of rank 16: 0.4–0.75× SGMV's time, the grid 0.5–1×
     ranks_read, ranks_used = sum((g.hi - g.lo) * g.rank for g in groups), sum(g.rank_sum for g in groups)
     cells, cells_used = sum((g.hi - g.lo) * g.depth for g in groups), sum(len(g.rows) for g in groups)
     min_fill = GRID_MIN_FILL_ONE_THREAD if torch.get_num_threads() == 1 else GRID_MIN_FILL_THREADED
     distinct = sum(g.distinct for g in groups)
-    if (distinct >= max(GRID_MIN_SPANS, GRID_MIN_PER_CLASS * len(groups)) and tokens <= GRID_MAX_TOKENS
+    if (distinct >= (2 if len(groups) == 1 else GRID_MIN_PER_CLASS * len(groups)) and tokens <= GRID_MAX_TOKENS
             and ranks_used >= min_fill * ranks_read and cells_used >= min_fill * cells):
         return add_slot_grid
+    bgmv_fits = len(rows.spans) == len(rows.order) and max((g.rank for g in groups), default=0) <= BGMV_MAX_RANK
     return add_bgmv if bgmv_fits else add_sgmv
 
 
