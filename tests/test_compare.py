@@ -1,16 +1,17 @@
 """`loralab compare`: every method on the same data and steps, a learning-rate sweep each, results written."""
 
 import csv
+import math
 
 import pytest
 
-from loralab.train.compare import GRIDS, compare
+from loralab.train.compare import GRIDS, compare, next_rate, sweep
 
 
 @pytest.mark.slow
 def test_compare_writes_a_row_per_method(tmp_path):
     rows = compare("minilm-l6", "sst2", ["lora", "svfit"], str(tmp_path), budget=2, lr_grid=3, batch_size=8,
-                   max_train=32, dev_size=16, max_test=16, progress=False)
+                   max_train=32, dev_size=16, max_test=16, progress=False, extend=0)
     assert [r.method for r in rows] == ["lora", "svfit"]
     lora, svfit = rows
     assert lora.trainable_params > 100 * svfit.trainable_params  # r·(in+out) per layer vs r per layer
@@ -20,13 +21,40 @@ def test_compare_writes_a_row_per_method(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 1000 and "| lora |" in (tmp_path / "results.md").read_text()
 
     resumed = compare("minilm-l6", "sst2", ["lora", "svfit", "ia3"], str(tmp_path), budget=2, lr_grid=3,
-                      batch_size=8, max_train=32, dev_size=16, max_test=16, progress=False, resume=True)
+                      batch_size=8, max_train=32, dev_size=16, max_test=16, progress=False, resume=True, extend=0)
     assert resumed[:2] == rows and resumed[2].method == "ia3"  # the finished rows are kept, not rerun
     with pytest.raises(ValueError, match="budget: 2 there, 3 now"):
         compare("minilm-l6", "sst2", ["lora"], str(tmp_path), budget=3, lr_grid=3, batch_size=8,
-                max_train=32, dev_size=16, max_test=16, progress=False, resume=True)
+                max_train=32, dev_size=16, max_test=16, progress=False, resume=True, extend=0)
 
 
 def test_unknown_method_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="did you mean: lora"):
         compare("minilm-l6", "sst2", ["lroa"], str(tmp_path))
+
+
+def test_rate_ladder_continues_the_grids():
+    assert [round(next_rate(f, up=True), 6) for f in (0.1, 0.3, 1.0, 3.0, 10.0)] == [0.3, 1.0, 3.0, 10.0, 30.0]
+    assert [round(next_rate(f, up=False), 6) for f in (0.1, 0.3, 1.0, 3.0)] == [0.03, 0.1, 0.3, 1.0]
+    assert all(g == round(next_rate(f, up=True), 6) for f, g in zip(GRIDS[5], GRIDS[5][1:]))
+
+
+def test_sweep_follows_the_best_rate_past_the_grid_edge():
+    def peaked_at(peak):
+        tried = []
+
+        def score(f):
+            tried.append(round(f, 6))
+            return -abs(math.log(f / peak))
+        return score, tried
+
+    score, tried = peaked_at(10.0)  # above the grid: two steps up find it, inside the ladder
+    best, at_edge, scores = sweep(score, GRIDS[3], extend=3)
+    assert round(best, 6) == 10.0 and not at_edge and tried == [0.3, 1.0, 3.0, 10.0, 30.0]
+    score, tried = peaked_at(0.01)  # far below: the extension budget runs out, the row says so
+    best, at_edge, _ = sweep(score, GRIDS[3], extend=2)
+    assert round(best, 6) == 0.03 and at_edge and tried == [0.3, 1.0, 3.0, 0.1, 0.03]
+    score, tried = peaked_at(1.0)  # inside the grid: nothing more is tried
+    assert sweep(score, GRIDS[3], extend=2)[:2] == (1.0, False) and tried == [0.3, 1.0, 3.0]
+    score, tried = peaked_at(5.0)
+    assert sweep(score, GRIDS[1], extend=2)[:2] == (1.0, False) and tried == [1.0]  # one rate: no edge to leave

@@ -319,6 +319,8 @@ def compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", required=True, help="comma-separated method names")
     p.add_argument("--budget", type=int, default=100, help="training steps per run")
     p.add_argument("--lr-grid", type=int, default=3, choices=[1, 3, 5], help="learning rates per method")
+    p.add_argument("--extend", type=int, default=2,
+                   help="extra rates tried past the grid's edge while the best rate is the lowest or highest tried")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-train", type=int, default=3000)
@@ -333,7 +335,7 @@ def compare_cmd(args: argparse.Namespace) -> int:
 
     rows = compare(args.base, args.task, [m.strip() for m in args.methods.split(",") if m.strip()], args.out,
                    budget=args.budget, lr_grid=args.lr_grid, r=args.r, batch_size=args.batch_size,
-                   max_train=args.max_train, max_test=args.max_test, resume=args.resume)
+                   max_train=args.max_train, max_test=args.max_test, resume=args.resume, extend=args.extend)
     print(markdown(rows, f"{args.task} accuracy"))
     return 0
 

@@ -3,10 +3,13 @@ the same data, the same number of steps and the same evaluation, and a small lea
 sweep of its own (the learning rate is the most sensitive knob).
 
 The sweep is centred on each method's `suggested_lr`; the best learning rate is chosen on a
-dev split held out from the training rows, and the table reports the test metric at that
-rate, the trainable parameters, the median step time and the activation memory a training
-step keeps for backward. Results go to results.csv, results.md and results.png, rewritten after each
-method, with the run's settings in settings.json; `resume=True` keeps the rows already there (when the
+dev split held out from the training rows, and while it lies at the edge of the rates tried the
+sweep goes on past that edge (up to `extend` more rates, along the same 1-3-10 ladder), so a
+method whose suggested rate is off is not judged at a rate it would not be trained at. The
+table reports the test metric at the best rate (marked when it is still at an edge), the
+trainable parameters, the median step time and the activation memory a training step keeps for
+backward. Results go to results.csv, results.md and results.png, rewritten after each method,
+with the run's settings in settings.json; `resume=True` keeps the rows already there (when the
 settings match) and runs only the methods still missing.
 """
 
@@ -15,6 +18,8 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -41,17 +46,40 @@ class Row:
     trainable_params: int
     step_ms: float
     activation_mb: float
+    lr_at_edge: bool = False  # the best rate is still the lowest or highest tried
+
+
+def next_rate(factor: float, up: bool) -> float:
+    """The next point past `factor` on the 1-3-10 ladder the grids are cut from (…, 0.3, 1, 3, 10, …)."""
+    ones = round(factor / 10 ** math.floor(math.log10(factor) + 1e-9)) == 1
+    step = 3.0 if ones == up else 10 / 3
+    return factor * step if up else factor / step
+
+
+def sweep(score: Callable[[float], float], grid: list[float], extend: int) -> tuple[float, bool, dict[float, float]]:
+    """Scores `grid`, then while the best factor is the lowest or highest tried (and fewer than
+    `extend` extra ones were tried) also the next one past it. Returns (best factor, whether it is
+    still at an edge, every factor's score)."""
+    scores = {f: score(f) for f in grid}
+    for _ in range(extend if len(grid) > 1 else 0):
+        best = max(scores, key=scores.__getitem__)
+        if min(scores) < best < max(scores):
+            break
+        up = best == max(scores)
+        scores[next_rate(best, up)] = score(next_rate(best, up))
+    best = max(scores, key=scores.__getitem__)
+    return best, len(scores) > 1 and best in (min(scores), max(scores)), scores
 
 
 def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int = 100, lr_grid: int = 3,
             r: int = 8, batch_size: int = 16, max_train: int = 3000, dev_size: int = 300, max_test: int | None = None,
-            seed: int = 0, progress: bool = True, resume: bool = False) -> list[Row]:
+            seed: int = 0, progress: bool = True, resume: bool = False, extend: int = 2) -> list[Row]:
     if lr_grid not in GRIDS:
         raise ValueError(f"lr_grid must be one of {sorted(GRIDS)}, got {lr_grid}")
     for m in methods:
         METHODS.get(m)  # unknown names fail before any training
     settings = {"base": base, "task": task, "budget": budget, "lr_grid": lr_grid, "r": r, "batch_size": batch_size,
-                "max_train": max_train, "dev_size": dev_size, "max_test": max_test, "seed": seed}
+                "max_train": max_train, "dev_size": dev_size, "max_test": max_test, "seed": seed, "extend": extend}
     rows = previous_rows(Path(out_dir), settings) if resume else []
     done = {row.method for row in rows}
     if progress and done:
@@ -69,8 +97,9 @@ def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int 
     pad = partial(collate, pad_token_id=tok.pad_token_id)
     for method in methods:
         centre = METHODS.get(method).suggested_lr
-        runs = []
-        for factor in GRIDS[lr_grid]:
+        runs = {}
+
+        def run(factor: float, method: str = method, centre: float = centre, runs: dict = runs) -> float:
             model = copy.deepcopy(base_model)
             torch.manual_seed(seed)
             spec = with_head(AdapterSpec(method=method, r=r, alpha=2 * r, targets="all-linear"), model, data)
@@ -80,15 +109,17 @@ def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int 
                                  rank_schedule=METHODS.get(method).rank_schedule)
             trainer = Trainer(model, train, None, config, pad_token_id=tok.pad_token_id)
             trainer.train()
-            score = evaluate(model, dev, data.kind, 128, pad)["accuracy"]
-            runs.append((score, centre * factor, model, trainer))
-        score, lr, model, trainer = max(runs, key=lambda run: run[0])
+            runs[factor] = (model, trainer)
+            return evaluate(model, dev, data.kind, 128, pad)["accuracy"]
+
+        factor, at_edge, scores = sweep(run, GRIDS[lr_grid], extend)
+        (model, trainer), score, lr = runs[factor], scores[factor], centre * factor
         batch = pad(train[:batch_size])
         model.train()
         memory = saved_tensor_megabytes(lambda m=model, b=batch: compute_loss(m, b, data.kind)[0])
         step_ms = 1000 * trainer.history[-1]["elapsed_s"] / budget
         rows.append(Row(method, lr, score, evaluate(model, test, data.kind, 128, pad)["accuracy"],
-                        trainable_parameters(model).trainable, step_ms, memory))
+                        trainable_parameters(model).trainable, step_ms, memory, at_edge))
         write_results(rows, Path(out_dir), f"{task} accuracy", settings)  # a cut-off run keeps its rows
         if progress:
             print(f"{method}: test accuracy {rows[-1].test_metric:.4f} at lr {lr:g}")
@@ -106,15 +137,17 @@ def previous_rows(out: Path, settings: dict) -> list[Row]:
                          "use another --out or the same settings")
     with open(out / "results.csv", newline="") as f:
         return [Row(r["method"], *(float(r[k]) for k in ("best_lr", "dev_metric", "test_metric")),
-                    int(r["trainable_params"]), float(r["step_ms"]), float(r["activation_mb"]))
+                    int(r["trainable_params"]), float(r["step_ms"]), float(r["activation_mb"]),
+                    r.get("lr_at_edge") == "True")
                 for r in csv.DictReader(f)]
 
 
 def markdown(rows: list[Row], metric: str) -> str:
     head = f"| method | {metric} (test) | dev | best lr | trainable params | step (ms) | activations (MB) |\n"
     head += "|---|---|---|---|---|---|---|\n"
-    body = "".join(f"| {r.method} | {r.test_metric:.4f} | {r.dev_metric:.4f} | {r.best_lr:g} | {r.trainable_params:,} "
-                   f"| {r.step_ms:.0f} | {r.activation_mb:.0f} |\n" for r in sorted(rows, key=lambda r: -r.test_metric))
+    body = "".join(f"| {r.method} | {r.test_metric:.4f} | {r.dev_metric:.4f} | {r.best_lr:g}{' (edge)' * r.lr_at_edge} "
+                   f"| {r.trainable_params:,} | {r.step_ms:.0f} | {r.activation_mb:.0f} |\n"
+                   for r in sorted(rows, key=lambda r: -r.test_metric))
     return head + body
 
 
