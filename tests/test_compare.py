@@ -4,6 +4,7 @@ import csv
 import math
 
 import pytest
+import torch
 
 from loralab.train.compare import GRIDS, compare, next_rate, sweep
 
@@ -26,6 +27,17 @@ def test_compare_writes_a_row_per_method(tmp_path):
     with pytest.raises(ValueError, match="budget: 2 there, 3 now"):
         compare("minilm-l6", "sst2", ["lora"], str(tmp_path), budget=3, lr_grid=3, batch_size=8,
                 max_train=32, dev_size=16, max_test=16, progress=False, resume=True, extend=0)
+
+
+@pytest.mark.slow
+def test_compare_does_not_depend_on_the_callers_random_state(tmp_path):
+    def once(caller_seed, out):
+        torch.manual_seed(caller_seed)  # e.g. another process, or whatever ran before in this one
+        return compare("minilm-l6", "sst2", ["lora"], str(tmp_path / out), budget=2, lr_grid=1, batch_size=8,
+                       max_train=32, dev_size=16, max_test=64, progress=False)[0]
+
+    first, second = once(1, "a"), once(2, "b")
+    assert (first.dev_metric, first.test_metric) == (second.dev_metric, second.test_metric)
 
 
 def test_unknown_method_fails_before_training(tmp_path):

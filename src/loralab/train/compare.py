@@ -90,6 +90,7 @@ def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int 
     data = load_data(DataSpec(task=task, max_train=max_train + dev_size, max_test=max_test))
     if data.kind != "classification":
         raise ValueError("compare reports accuracy: choose a classification task (sst2, agnews)")
+    torch.manual_seed(seed)  # the fresh classifier head: every method and every run of compare starts from the same one
     base_model, tok = load_model_for(base, data)
     train = make_examples(data.kind, data.train[:max_train], tok, 128)
     dev = make_examples(data.kind, data.train[max_train:], tok, 128)
