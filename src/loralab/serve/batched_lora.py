@@ -352,7 +352,7 @@ BGMV_MAX_RANK = 16
 # Distinct adapters the grid needs per rank class when several classes are in use (its calls are
 # per class): on ranks 8–64 (four classes) 2 a class took it 1.0–1.1× SGMV's time at decode, 4 a
 # class 0.4–0.9×. With one class, 2 adapters already took it 0.7–0.98× SGMV's time.
-GRID_MIN_PER_CLASS = 4
+GRID_MIN_PER_CLASS, GRID_MIN_ONE_CLASS = 4, 2
 GRID_MAX_TOKENS = 16  # tokens per row: measured up to a 16-token prefill, where the grid still won
 # What the grid uses over what it reads and computes (the ranks in use over each range's
 # positions × its largest rank; the rows over the grid's cells), by intra-op threads: the grid's
@@ -369,8 +369,8 @@ def choose_kernel(rows: RowSlots, factors: SlotFactors, tokens: int = 1) -> Kern
     ranks_read, ranks_used = sum((g.hi - g.lo) * g.rank for g in groups), sum(g.rank_sum for g in groups)
     cells, cells_used = sum((g.hi - g.lo) * g.depth for g in groups), sum(len(g.rows) for g in groups)
     min_fill = GRID_MIN_FILL_ONE_THREAD if torch.get_num_threads() == 1 else GRID_MIN_FILL_THREADED
-    distinct = sum(g.distinct for g in groups)
-    if (distinct >= (2 if len(groups) == 1 else GRID_MIN_PER_CLASS * len(groups)) and tokens <= GRID_MAX_TOKENS
+    enough = GRID_MIN_ONE_CLASS if len(groups) == 1 else GRID_MIN_PER_CLASS * len(groups)
+    if (sum(g.distinct for g in groups) >= enough and tokens <= GRID_MAX_TOKENS
             and ranks_used >= min_fill * ranks_read and cells_used >= min_fill * cells):
         return add_slot_grid
     bgmv_fits = len(rows.spans) == len(rows.order) and max((g.rank for g in groups), default=0) <= BGMV_MAX_RANK

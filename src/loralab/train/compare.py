@@ -65,8 +65,8 @@ def sweep(score: Callable[[float], float], grid: list[float], extend: int) -> tu
         best = max(scores, key=scores.__getitem__)
         if min(scores) < best < max(scores):
             break
-        up = best == max(scores)
-        scores[next_rate(best, up)] = score(next_rate(best, up))
+        factor = next_rate(best, up=best == max(scores))
+        scores[factor] = score(factor)
     best = max(scores, key=scores.__getitem__)
     return best, len(scores) > 1 and best in (min(scores), max(scores)), scores
 
@@ -98,9 +98,9 @@ def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int 
     pad = partial(collate, pad_token_id=tok.pad_token_id)
     for method in methods:
         centre = METHODS.get(method).suggested_lr
-        runs = {}
+        kept: dict = {}  # only the best run so far keeps its model (a sweep may train five)
 
-        def run(factor: float, method: str = method, centre: float = centre, runs: dict = runs) -> float:
+        def run(factor: float, method: str = method, centre: float = centre, kept: dict = kept) -> float:
             model = copy.deepcopy(base_model)
             torch.manual_seed(seed)
             spec = with_head(AdapterSpec(method=method, r=r, alpha=2 * r, targets="all-linear"), model, data)
@@ -110,11 +110,13 @@ def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int 
                                  rank_schedule=METHODS.get(method).rank_schedule)
             trainer = Trainer(model, train, None, config, pad_token_id=tok.pad_token_id)
             trainer.train()
-            runs[factor] = (model, trainer)
-            return evaluate(model, dev, data.kind, 128, pad)["accuracy"]
+            score = evaluate(model, dev, data.kind, 128, pad)["accuracy"]
+            if not kept or score > kept["score"]:  # strict: the first of equal scores wins, as in sweep()
+                kept.update(score=score, model=model, trainer=trainer)
+            return score
 
         factor, at_edge, scores = sweep(run, GRIDS[lr_grid], extend)
-        (model, trainer), score, lr = runs[factor], scores[factor], centre * factor
+        model, trainer, score, lr = kept["model"], kept["trainer"], scores[factor], centre * factor
         batch = pad(train[:batch_size])
         model.train()
         memory = saved_tensor_megabytes(lambda m=model, b=batch: compute_loss(m, b, data.kind)[0])
