@@ -12,16 +12,23 @@ import time
 from collections.abc import Callable
 
 
-def time_once(fn: Callable[[], object], repeats: int) -> float:
-    """Mean seconds of `repeats` calls (after the caller's warm-up)."""
+def no_sync() -> None:
+    return None
+
+
+def time_once(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = no_sync) -> float:
+    """Mean seconds of `repeats` calls (after the caller's warm-up); `sync` waits for queued device work
+    (torch.cuda.synchronize on a GPU)."""
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    sync()
     return (time.perf_counter() - start) / repeats
 
 
 def interleaved(contenders: dict[str, Callable[[], object]], anchor: str, rounds: int = 7, repeats: int = 3,
-                warmup: int = 2) -> dict[str, dict[str, float]]:
+                warmup: int = 2, sync: Callable[[], None] = no_sync) -> dict[str, dict[str, float]]:
     """{name: {"ratio": median per-round time / anchor time, "seconds": median time}}."""
     for fn in contenders.values():
         for _ in range(warmup):
@@ -31,7 +38,7 @@ def interleaved(contenders: dict[str, Callable[[], object]], anchor: str, rounds
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
-            times[n].append(time_once(contenders[n], repeats))
+            times[n].append(time_once(contenders[n], repeats, sync))
     out = {}
     for n in names:
         ratios = [t / a for t, a in zip(times[n], times[anchor])]

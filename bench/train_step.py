@@ -5,6 +5,8 @@ seven projections of every layer. Floor = the frozen base's forward + backward (
 gradients only), or its forward for inference. Run: `.venv/bin/python bench/train_step.py`.
 `--ranks 1 16 64` instead times the LoRA train step at each rank, which separates what a
 LoRA layer costs whatever its rank (passes over the activations) from what grows with r.
+On a GPU: `--device cuda --precision bf16 --batch 8 --seq 512` (autocast over float32 weights,
+as `loralab train --precision bf16` trains; timings synchronise the device).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import loralab as ll
+from loralab.devices import autocast, resolve_device
 from loralab.profiling import saved_tensor_megabytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -46,12 +49,13 @@ def make_models(base: torch.nn.Module, dora: bool, r: int = 16) -> tuple[torch.n
     return ours, theirs
 
 
-def step_fn(model: torch.nn.Module, ids: torch.Tensor, floor: bool = False):
+def step_fn(model: torch.nn.Module, ids: torch.Tensor, floor: bool = False, precision: str = "fp32"):
     embed = model.get_input_embeddings()
 
     def step() -> None:
         h = embed(ids).detach().requires_grad_(floor)  # the floor needs something to differentiate
-        loss = model(inputs_embeds=h, labels=ids).loss
+        with autocast(ids.device, precision):
+            loss = model(inputs_embeds=h, labels=ids).loss
         loss.backward()
         for p in model.parameters():
             p.grad = None
@@ -59,24 +63,30 @@ def step_fn(model: torch.nn.Module, ids: torch.Tensor, floor: bool = False):
     return step
 
 
-def forward_fn(model: torch.nn.Module, ids: torch.Tensor):
+def forward_fn(model: torch.nn.Module, ids: torch.Tensor, precision: str = "fp32"):
     def fwd() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(ids.device, precision):
             model(input_ids=ids)
 
     return fwd
 
 
-def rank_sweep(base: torch.nn.Module, ids: torch.Tensor, ranks: list[int], rounds: int) -> None:
-    contenders = {"floor": step_fn(base, ids, floor=True)}
+def rank_sweep(base: torch.nn.Module, ids: torch.Tensor, ranks: list[int], args: argparse.Namespace) -> None:
+    rounds, p = args.rounds, args.precision
+    contenders = {"floor": step_fn(base, ids, floor=True, precision=p)}
     for r in ranks:
         ours, theirs = make_models(base, dora=False, r=r)
-        contenders[f"loralab r={r}"], contenders[f"peft r={r}"] = step_fn(ours, ids), step_fn(theirs, ids)
-    times = interleaved(contenders, "floor", rounds=rounds, repeats=1)
+        contenders[f"loralab r={r}"], contenders[f"peft r={r}"] = step_fn(ours, ids, precision=p), step_fn(theirs, ids,
+                                                                                                          precision=p)
+    times = interleaved(contenders, "floor", rounds=rounds, repeats=1, sync=synchronizer(ids.device))
     table = [[str(r), f"{times[f'loralab r={r}']['ratio']:.3f}x", f"{times[f'peft r={r}']['ratio']:.3f}x"]
              for r in ranks]
     print(f"LoRA train step by rank, {rounds} interleaved rounds, floor {times['floor']['seconds'] * 1000:.0f} ms")
     print(markdown_table(["r", "loralab / floor", "PEFT / floor"], table))
+
+
+def synchronizer(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
 def main() -> None:
@@ -86,36 +96,45 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, … (auto: the GPU when there is one)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                    help="autocast over float32 weights for every contender")
     ap.add_argument("--ranks", type=int, nargs="+", help="time only the LoRA train step, at each of these ranks")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    base = smollm2_shape(args.layers)
-    ids = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    device = resolve_device(args.device)
+    base = smollm2_shape(args.layers).to(device)
+    ids = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
     if args.ranks:
-        rank_sweep(base, ids, args.ranks, args.rounds)
+        rank_sweep(base, ids, args.ranks, args)
         return
     lora_ours, lora_peft = make_models(base, dora=False)
     dora_ours, dora_peft = make_models(base, dora=True)
+    p, sync = args.precision, synchronizer(device)
 
+    def race(anchor: str, anchor_fn, fn, ours: torch.nn.Module, theirs: torch.nn.Module):
+        named = {anchor: anchor_fn, "loralab": fn(ours, ids, precision=p), "peft": fn(theirs, ids, precision=p)}
+        return interleaved(named, anchor, rounds=args.rounds, sync=sync)
+
+    floor = step_fn(base, ids, floor=True, precision=p)
     rows = []
-    train = interleaved({"floor": step_fn(base, ids, floor=True), "loralab": step_fn(lora_ours, ids),
-                         "peft": step_fn(lora_peft, ids)}, "floor", rounds=args.rounds)
+    train = race("floor", floor, step_fn, lora_ours, lora_peft)
     rows.append(["LoRA train step", train["loralab"], train["peft"], train["floor"]])
-    dora = interleaved({"floor": step_fn(base, ids, floor=True), "loralab": step_fn(dora_ours, ids),
-                        "peft": step_fn(dora_peft, ids)}, "floor", rounds=args.rounds)
+    dora = race("floor", floor, step_fn, dora_ours, dora_peft)
     rows.append(["DoRA train step", dora["loralab"], dora["peft"], dora["floor"]])
-    infer = interleaved({"base": forward_fn(base, ids), "loralab": forward_fn(lora_ours, ids),
-                         "peft": forward_fn(lora_peft, ids)}, "base", rounds=args.rounds)
+    infer = race("base", forward_fn(base, ids, precision=p), forward_fn, lora_ours, lora_peft)
     rows.append(["LoRA unmerged inference", infer["loralab"], infer["peft"], infer["base"]])
 
     def mem(model, floor=False):
         h = model.get_input_embeddings()(ids).detach().requires_grad_(floor)
-        return saved_tensor_megabytes(lambda: model(inputs_embeds=h, labels=ids).loss)
+        with autocast(device, p):
+            return saved_tensor_megabytes(lambda: model(inputs_embeds=h, labels=ids).loss)
 
-    table = [[name, f"{o['ratio']:.3f}x", f"{p['ratio']:.3f}x", f"{p['ratio'] / o['ratio']:.2f}x",
-              f"{f['seconds'] * 1000:.0f} ms"] for name, o, p, f in rows]
+    table = [[name, f"{o['ratio']:.3f}x", f"{q['ratio']:.3f}x", f"{q['ratio'] / o['ratio']:.2f}x",
+              f"{f['seconds'] * 1000:.1f} ms"] for name, o, q, f in rows]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"SmolLM2-135M shape ({args.layers} layers), batch {args.batch}x{args.seq}, LoRA r=16 on 7 projections, "
-          f"{args.threads} threads, median of {args.rounds} interleaved rounds")
+          f"{where}, {p}, median of {args.rounds} interleaved rounds")
     print(markdown_table(["contender", "loralab / floor", "PEFT / floor", "loralab speed-up over PEFT", "floor"],
                          table))
     print()

@@ -79,6 +79,18 @@ def data_from_args(args: argparse.Namespace):
                     max_train=getattr(args, "max_train", None), max_test=args.max_test, max_length=args.max_length)
 
 
+def add_device_args(p: argparse.ArgumentParser, precision: bool = False, dtype: bool = False) -> None:
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default="auto", help="auto (a GPU when torch sees one, else the CPU), cpu, cuda, "
+                                                    "cuda:N or mps")
+    if precision:
+        g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                       help="mixed precision: float32 weights, bf16/fp16 matrix products (fp16 with loss scaling)")
+    if dtype:
+        g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="the base weights' dtype (default: as stored)")
+
+
 def _print_metrics(label: str, metrics: dict) -> None:
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     print(f"{label}: {shown}")
@@ -108,6 +120,7 @@ def train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_args(p, precision=True)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -119,9 +132,10 @@ def train(args: argparse.Namespace) -> int:
                          optimizer=args.optimizer, optimizer_options=_parse_options(args.optimizer_option),
                          rank_schedule=args.rank_schedule, rank_options=_parse_options(args.rank_option),
                          max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
-                         save_every=args.save_every, seed=args.seed, progress=not args.no_progress)
+                         save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
+                         precision=args.precision)
     result = finetune(args.base, spec_from_args(args), data_from_args(args), config, args.out, resume=args.resume,
-                      calibration_batches=args.calibration_batches)
+                      calibration_batches=args.calibration_batches, device=args.device)
     print(result["params"])
     if "before" in result:
         _print_metrics("before", result["before"])
@@ -136,6 +150,7 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="adapter folder (omit to score the base model alone)")
     p.add_argument("--batch-size", type=int, default=64)
     add_data_args(p, train=False)
+    add_device_args(p, precision=True)
 
 
 def evaluate_cmd(args: argparse.Namespace) -> int:
@@ -153,12 +168,12 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
         data.train_file = data.test_file
     task = load_data(data)
     rows = task.test or task.train
-    model, tok = load_model_for(args.base, task)
+    model, tok = load_model_for(args.base, task, args.device)
     if args.adapter:
         load_adapter(model, args.adapter)
     examples = make_examples(task.kind, rows, tok, data.max_length)
     metrics = evaluate(model, examples, task.kind, args.batch_size, partial(collate, pad_token_id=tok.pad_token_id),
-                       progress=True)
+                       progress=True, precision=args.precision)
     _print_metrics(f"{task.name} ({len(rows)} examples)", metrics)
     return 0
 
@@ -167,12 +182,13 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
 def demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run folder")
     p.add_argument("--steps", type=int, default=450)
+    add_device_args(p)
 
 
 def demo(args: argparse.Namespace) -> int:
     from loralab.demo import run
 
-    run(args.out, steps=args.steps)
+    run(args.out, steps=args.steps, device=args.device)
     return 0
 
 
@@ -259,6 +275,7 @@ def generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the model's chat template")
+    add_device_args(p, dtype=True)
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -266,13 +283,13 @@ def generate(args: argparse.Namespace) -> int:
 
     from loralab.loading import load_with_adapter
 
-    model, tok = load_with_adapter(args.base, args.adapter, task="causal-lm")
+    model, tok = load_with_adapter(args.base, args.adapter, task="causal-lm", device=args.device, dtype=args.dtype)
     if not args.no_chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                        add_generation_prompt=True)
     else:
         text = args.prompt
-    enc = tok(text, return_tensors="pt", add_special_tokens=args.no_chat)
+    enc = tok(text, return_tensors="pt", add_special_tokens=args.no_chat).to(model.device)
     torch.manual_seed(args.seed)
     sample = args.temperature > 0
     with torch.inference_mode():
@@ -328,6 +345,7 @@ def compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for results.csv, results.md, results.png")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in --out (same settings) and run only the missing methods")
+    add_device_args(p, precision=True)
 
 
 def compare_cmd(args: argparse.Namespace) -> int:
@@ -335,7 +353,8 @@ def compare_cmd(args: argparse.Namespace) -> int:
 
     rows = compare(args.base, args.task, [m.strip() for m in args.methods.split(",") if m.strip()], args.out,
                    budget=args.budget, lr_grid=args.lr_grid, r=args.r, batch_size=args.batch_size,
-                   max_train=args.max_train, max_test=args.max_test, resume=args.resume, extend=args.extend)
+                   max_train=args.max_train, max_test=args.max_test, resume=args.resume, extend=args.extend,
+                   device=args.device, precision=args.precision)
     print(markdown(rows, f"{args.task} accuracy"))
     return 0
 
@@ -390,12 +409,14 @@ def serve_args(p: argparse.ArgumentParser) -> None:
                                                                "evicted)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    add_device_args(p, dtype=True)
 
 
 def serve_cmd(args: argparse.Namespace) -> int:
     from loralab.serve.server import serve
 
-    serve(args.base, args.adapters, args.host, args.port, args.max_loaded, args.max_batch, args.max_queue)
+    serve(args.base, args.adapters, args.host, args.port, args.max_loaded, args.max_batch, args.max_queue,
+          device=args.device, dtype=args.dtype)
     return 0
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]

@@ -12,7 +12,10 @@ import time
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from loralab.checkpoint import load_adapter
+from loralab.devices import resolve_device
 from loralab.spec import AdapterSpec
 from loralab.train.data import collate, make_examples
 from loralab.train.recipes import DataSpec, finetune, load_model_for
@@ -22,9 +25,9 @@ from loralab.zoo.datasets import load_task
 BASE = "minilm-l6"
 
 
-def reload_accuracy(adapter: Path, use_peft: bool) -> float | None:
+def reload_accuracy(adapter: Path, use_peft: bool, device: torch.device) -> float | None:
     task = load_task("sst2")
-    model, tok = load_model_for(BASE, task)
+    model, tok = load_model_for(BASE, task, device)
     if use_peft:
         try:
             from peft import PeftModel
@@ -37,19 +40,21 @@ def reload_accuracy(adapter: Path, use_peft: bool) -> float | None:
     return evaluate(model, test, task.kind, 128, partial(collate, pad_token_id=tok.pad_token_id))["accuracy"]
 
 
-def run(out_dir: str = "runs/demo", steps: int = 450, batch_size: int = 32, lr: float = 1e-3, r: int = 8) -> dict:
+def run(out_dir: str = "runs/demo", steps: int = 450, batch_size: int = 32, lr: float = 1e-3, r: int = 8,
+        device: str = "auto") -> dict:
     start = time.perf_counter()
+    where = resolve_device(device)
     out = Path(out_dir)
     spec = AdapterSpec(method="lora", r=r, alpha=2 * r, targets="all-linear")
     print(f"loralab demo: LoRA r={r} on every linear layer of the embedded {BASE} encoder, built-in SST-2 "
-          f"(8,000 train / 872 test sentences), {steps} steps of {batch_size} on the CPU")
+          f"(8,000 train / 872 test sentences), {steps} steps of {batch_size} on {where}")
     config = TrainConfig(lr=lr, batch_size=batch_size, max_steps=steps, warmup_steps=max(1, steps // 15),
                          eval_batch_size=128, log_every=25)
-    result = finetune(BASE, spec, DataSpec(task="sst2"), config, out)
+    result = finetune(BASE, spec, DataSpec(task="sst2"), config, out, device=where)
     adapter = Path(result["adapter"])
     before, after = result["before"]["accuracy"], result["after"]["accuracy"]
-    reloaded = reload_accuracy(adapter, use_peft=False)
-    in_peft = reload_accuracy(adapter, use_peft=True)
+    reloaded = reload_accuracy(adapter, use_peft=False, device=where)
+    in_peft = reload_accuracy(adapter, use_peft=True, device=where)
     minutes = (time.perf_counter() - start) / 60
     print()
     print(f"  {result['params']}")

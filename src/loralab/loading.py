@@ -24,13 +24,15 @@ def task_of_adapter(path: str | os.PathLike) -> tuple[str, int | None]:
 
 
 def load_with_adapter(base: str, adapter: str | os.PathLike | None = None, name: str = "default",
-                      task: str | None = None, num_labels: int | None = None) -> tuple[nn.Module, object]:
-    """(model, tokenizer): the base model (an embedded name or a local folder), with the adapter if given."""
+                      task: str | None = None, num_labels: int | None = None, device: str | None = None,
+                      dtype: str | None = None) -> tuple[nn.Module, object]:
+    """(model, tokenizer): the base model (an embedded name or a local folder), with the adapter if given,
+    on `device` in `dtype` (see `load_base`)."""
     from loralab.zoo.models import load_base
 
     if adapter is not None and task is None:
         task, num_labels = task_of_adapter(adapter)
-    model, tokenizer = load_base(base, task=task or "causal-lm", num_labels=num_labels)
+    model, tokenizer = load_base(base, task=task or "causal-lm", num_labels=num_labels, device=device, dtype=dtype)
     if adapter is not None:
         load_adapter(model, adapter, name=name)
     model.eval()

@@ -79,13 +79,14 @@ def _free_port(host: str) -> int:
 
 
 def serve(base: str, adapters: str | None, host: str = "127.0.0.1", port: int = 8000, max_loaded: int = 64,
-          max_batch: int = 16, max_queue: int = 256) -> None:
-    """Load `base` (embedded name or HF folder), register the adapters under `adapters` and serve until Ctrl-C."""
+          max_batch: int = 16, max_queue: int = 256, device: str = "auto", dtype: str | None = None) -> None:
+    """Load `base` (embedded name or HF folder) on `device` in `dtype`, register the adapters under `adapters`
+    and serve until Ctrl-C."""
     import uvicorn
 
     from loralab.zoo.models import load_base
 
-    model, tokenizer = load_base(base)
+    model, tokenizer = load_base(base, device=device, dtype=dtype)
     engine = build_engine(model.eval(), tokenizer, adapters, max_loaded, max_batch, max_queue)
     if engine.pool is not None:
         for name, why in engine.pool.rejected.items():

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from loralab.devices import resolve_device
 from loralab.methods.base import METHODS
 from loralab.model import add_adapter, trainable_parameters
 from loralab.profiling import saved_tensor_megabytes
@@ -73,13 +74,15 @@ def sweep(score: Callable[[float], float], grid: list[float], extend: int) -> tu
 
 def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int = 100, lr_grid: int = 3,
             r: int = 8, batch_size: int = 16, max_train: int = 3000, dev_size: int = 300, max_test: int | None = None,
-            seed: int = 0, progress: bool = True, resume: bool = False, extend: int = 2) -> list[Row]:
+            seed: int = 0, progress: bool = True, resume: bool = False, extend: int = 2, device: str = "auto",
+            precision: str = "fp32") -> list[Row]:
     if lr_grid not in GRIDS:
         raise ValueError(f"lr_grid must be one of {sorted(GRIDS)}, got {lr_grid}")
     for m in methods:
         METHODS.get(m)  # unknown names fail before any training
     settings = {"base": base, "task": task, "budget": budget, "lr_grid": lr_grid, "r": r, "batch_size": batch_size,
-                "max_train": max_train, "dev_size": dev_size, "max_test": max_test, "seed": seed, "extend": extend}
+                "max_train": max_train, "dev_size": dev_size, "max_test": max_test, "seed": seed, "extend": extend,
+                "device": resolve_device(device).type, "precision": precision}
     rows = previous_rows(Path(out_dir), settings) if resume else []
     done = {row.method for row in rows}
     if progress and done:
@@ -91,7 +94,7 @@ def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int 
     if data.kind != "classification":
         raise ValueError("compare reports accuracy: choose a classification task (sst2, agnews)")
     torch.manual_seed(seed)  # the fresh classifier head: every method and every run of compare starts from the same one
-    base_model, tok = load_model_for(base, data)
+    base_model, tok = load_model_for(base, data, device)
     train = make_examples(data.kind, data.train[:max_train], tok, 128)
     dev = make_examples(data.kind, data.train[max_train:], tok, 128)
     test = make_examples(data.kind, data.test, tok, 128)
@@ -107,21 +110,21 @@ def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int 
             add_adapter(model, spec)
             config = TrainConfig(lr=centre * factor, batch_size=batch_size, max_steps=budget,
                                  warmup_steps=budget // 10, seed=seed, progress=progress, log_every=budget,
-                                 rank_schedule=METHODS.get(method).rank_schedule)
+                                 rank_schedule=METHODS.get(method).rank_schedule, precision=precision)
             trainer = Trainer(model, train, None, config, pad_token_id=tok.pad_token_id)
             trainer.train()
-            score = evaluate(model, dev, data.kind, 128, pad)["accuracy"]
+            score = evaluate(model, dev, data.kind, 128, pad, precision=precision)["accuracy"]
             if not kept or score > kept["score"]:  # strict: the first of equal scores wins, as in sweep()
                 kept.update(score=score, model=model, trainer=trainer)
             return score
 
         factor, at_edge, scores = sweep(run, GRIDS[lr_grid], extend)
         model, trainer, score, lr = kept["model"], kept["trainer"], scores[factor], centre * factor
-        batch = pad(train[:batch_size])
+        batch = trainer.to_device(pad(train[:batch_size]))
         model.train()
         memory = saved_tensor_megabytes(lambda m=model, b=batch: compute_loss(m, b, data.kind)[0])
         step_ms = 1000 * trainer.history[-1]["elapsed_s"] / budget
-        rows.append(Row(method, lr, score, evaluate(model, test, data.kind, 128, pad)["accuracy"],
+        rows.append(Row(method, lr, score, evaluate(model, test, data.kind, 128, pad, precision=precision)["accuracy"],
                         trainable_parameters(model).trainable, step_ms, memory, at_edge))
         write_results(rows, Path(out_dir), f"{task} accuracy", settings)  # a cut-off run keeps its rows
         if progress:

@@ -57,12 +57,12 @@ def load_data(spec: DataSpec) -> Task:
     return Task(name, spec.kind, train[: spec.max_train], test[: spec.max_test], labels, f"user data {name}")
 
 
-def load_model_for(base: str, task: Task) -> tuple[nn.Module, Any]:
+def load_model_for(base: str, task: Task, device: str | torch.device = "auto") -> tuple[nn.Module, Any]:
     from loralab.zoo.models import load_base
 
     if task.kind == "classification":
-        return load_base(base, task="classification", num_labels=len(task.labels))
-    return load_base(base, task="causal-lm")
+        return load_base(base, task="classification", num_labels=len(task.labels), device=device)
+    return load_base(base, task="causal-lm", device=device)
 
 
 def with_head(spec: AdapterSpec, model: nn.Module, task: Task) -> AdapterSpec:
@@ -73,10 +73,10 @@ def with_head(spec: AdapterSpec, model: nn.Module, task: Task) -> AdapterSpec:
     return AdapterSpec(**{**spec.to_dict(), "modules_to_save": heads})
 
 
-def score(model: nn.Module, tokenizer, task: Task, examples: list[dict[str, Any]], batch_size: int = 64
-          ) -> dict[str, float]:
+def score(model: nn.Module, tokenizer, task: Task, examples: list[dict[str, Any]], batch_size: int = 64,
+          precision: str = "fp32") -> dict[str, float]:
     return evaluate(model, examples, task.kind, batch_size, partial(collate, pad_token_id=tokenizer.pad_token_id),
-                    progress=True)
+                    progress=True, precision=precision)
 
 
 def _loss(model: nn.Module, batch: dict, kind: str):
@@ -84,11 +84,13 @@ def _loss(model: nn.Module, batch: dict, kind: str):
 
 
 def finetune(base: str, spec: AdapterSpec, data: DataSpec, config: TrainConfig, out_dir: str | os.PathLike,
-             resume: bool = False, evaluate_before: bool = True, calibration_batches: int = 8) -> dict[str, Any]:
-    """Train an adapter and save it in out_dir/adapter; returns metrics before and after."""
+             resume: bool = False, evaluate_before: bool = True, calibration_batches: int = 8,
+             device: str | torch.device = "auto") -> dict[str, Any]:
+    """Train an adapter on `device` ("auto": the GPU when there is one) and save it in out_dir/adapter;
+    returns metrics before and after."""
     torch.manual_seed(config.seed)  # the fresh classifier head, dropout, random inits
     task = load_data(data)
-    model, tokenizer = load_model_for(base, task)
+    model, tokenizer = load_model_for(base, task, device)
     spec = with_head(spec, model, task)
     train = make_examples(task.kind, task.train, tokenizer, data.max_length)
     test = make_examples(task.kind, task.test, tokenizer, data.max_length) if task.test else None
@@ -105,7 +107,7 @@ def finetune(base: str, spec: AdapterSpec, data: DataSpec, config: TrainConfig, 
     add_adapter(model, spec, calibration=calibration, calibration_batches=calibration_batches, loss_fn=loss_fn)
     result["params"] = trainable_parameters(model)
     if test and evaluate_before:
-        result["before"] = score(model, tokenizer, task, test, config.eval_batch_size)
+        result["before"] = score(model, tokenizer, task, test, config.eval_batch_size, config.precision)
     adapter_dir = Path(out_dir) / "adapter"
 
     def also_save_adapter(trainer: Trainer, path: Path) -> None:

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from loralab.devices import PRECISIONS, autocast, grad_scaler
 from loralab.methods.base import AdapterMethod
 from loralab.train.data import collate
 from loralab.train.optim import get_optimizer
@@ -68,6 +69,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     progress: bool = True
+    precision: str = "fp32"  # or "bf16" / "fp16": mixed precision (autocast); fp16 adds loss scaling
 
     def validate(self) -> None:
         checks = [(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
@@ -84,7 +86,9 @@ class TrainConfig:
                    f"max_eval_batches must be >= 1 or None, got {self.max_eval_batches}"),
                   (self.schedule in SCHEDULES,
                    f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-                  (self.task_kind in KINDS, f"task_kind must be one of {', '.join(KINDS)}, got {self.task_kind!r}")]
+                  (self.task_kind in KINDS, f"task_kind must be one of {', '.join(KINDS)}, got {self.task_kind!r}"),
+                  (self.precision in PRECISIONS,
+                   f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -159,6 +163,8 @@ class Trainer:
         if self.config.batch_size % self.world:
             raise ValueError(f"batch_size {self.config.batch_size} must divide by the {self.world} processes")
         self.engine = _wrap_ddp(model) if self.world > 1 else model
+        self.device = next(model.parameters()).device
+        self.scaler = grad_scaler(self.device, self.config.precision)
         self.optimizer_factory = optimizer_factory or get_optimizer(self.config.optimizer)
         self.step = 0
         self.rebuild_optimizer()
@@ -184,11 +190,11 @@ class Trainer:
         self.position += size
         share = size // self.world
         mine = picked[self.rank * share:(self.rank + 1) * share]
-        return self._to_device(self.collate([self.train_data[i] for i in mine]))
+        return self.to_device(self.collate([self.train_data[i] for i in mine]))
 
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        device = next(self.model.parameters()).device
-        return {k: v.to(device) for k, v in batch.items()}
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's tensors on the model's device."""
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     # ---- the loop --------------------------------------------------------------------------
     def rebuild_optimizer(self) -> None:
@@ -271,8 +277,9 @@ class Trainer:
             batch = self._next_batch()
             sync = micro == cfg.grad_accum - 1 or self.world == 1
             with contextlib.nullcontext() if sync else self.engine.no_sync():
-                loss, _ = compute_loss(self.engine, batch, cfg.task_kind)
-                (loss / cfg.grad_accum).backward()
+                with autocast(self.device, cfg.precision):
+                    loss, _ = compute_loss(self.engine, batch, cfg.task_kind)
+                self.scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
             examples += batch["input_ids"].shape[0] * self.world
             tokens += int(batch["attention_mask"].sum()) * self.world if "attention_mask" in batch else 0
@@ -280,10 +287,12 @@ class Trainer:
 
     def _update(self) -> dict[str, Any]:
         """Clip, step the optimiser and the schedule; the logs of the step (lr: the rate it used)."""
+        self.scaler.unscale_(self.optimizer)  # rank schedules and clipping see the true gradients
         self.notify("on_before_step")
         grad_norm = self._clip()
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # fp16: skipped when a gradient overflowed
+        self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -318,7 +327,8 @@ class Trainer:
         if not data:
             raise ValueError("no evaluation data")
         return evaluate(self.model, data, self.config.task_kind, self.config.eval_batch_size, self.collate,
-                        self.rank, self.world, max_batches=self.config.max_eval_batches)
+                        self.rank, self.world, max_batches=self.config.max_eval_batches,
+                        precision=self.config.precision)
 
     # ---- logs and checkpoints --------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -345,7 +355,7 @@ class Trainer:
             trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
             save_file(trainable, str(tmp / "trainable.safetensors"))
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": _rng_state(),
+                        "rng": _rng_state(), "scaler": self.scaler.state_dict(),
                         "rank_schedule": self.rank_schedule.state_dict() if self.rank_schedule else None},
                        tmp / "state.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(
@@ -386,7 +396,7 @@ class Trainer:
         if saved_schedule != self.config.rank_schedule:
             raise ValueError(f"checkpoint {path} was trained with rank_schedule={saved_schedule!r}, this run has "
                              f"{self.config.rank_schedule!r}: resume with the same rank schedule")
-        state = torch.load(path / "state.pt", weights_only=False)
+        state = torch.load(path / "state.pt", weights_only=False, map_location="cpu")  # any device resumes it
         if self.rank_schedule is not None:  # first: a schedule may have reshaped parameters (LoRA-Squeeze)
             self.rank_schedule.load_state_dict(state["rank_schedule"])
             self.rebuild_optimizer()
@@ -400,6 +410,8 @@ class Trainer:
                 params[name].copy_(t)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         self.step, self.epoch, self.position = meta["step"], meta["epoch"], meta["position"]
         self._saved_step = self.step
@@ -408,7 +420,7 @@ class Trainer:
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[dict[str, Any]], kind: str, batch_size: int = 64,
              collate_fn: Callable[[list], dict] | None = None, rank: int = 0, world: int = 1,
-             progress: bool = False, max_batches: int | None = None) -> dict[str, float]:
+             progress: bool = False, max_batches: int | None = None, precision: str = "fp32") -> dict[str, float]:
     """classification: {"accuracy", "loss"}; causal-lm: {"loss", "perplexity"} (token-weighted).
 
     `max_batches` keeps the first max_batches·batch_size examples. Under torchrun each process
@@ -424,7 +436,8 @@ def evaluate(model: nn.Module, examples: list[dict[str, Any]], kind: str, batch_
     loss_total = correct = count = 0.0
     for i in tqdm(range(0, len(shard), batch_size), desc="eval", disable=not progress, leave=False):
         batch = {k: v.to(device) for k, v in collate_fn(shard[i:i + batch_size]).items()}
-        loss, logits = compute_loss(model, batch, kind)
+        with autocast(device, precision):
+            loss, logits = compute_loss(model, batch, kind)
         if kind == "classification":
             n = batch["labels"].numel()
             correct += float((logits.argmax(-1) == batch["labels"]).sum())

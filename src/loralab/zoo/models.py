@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
+from loralab.devices import resolve_device, resolve_dtype
 from loralab.registry import close_matches
 
 # task -> transformers Auto class; "embedding" and "base" both give the bare model (hidden states)
@@ -152,8 +153,10 @@ def resolve(name_or_path: str) -> Path:
 
 
 def load_base(name_or_path: str, task: str = "causal-lm", num_labels: int | None = None,
-              dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
-    """(model, tokenizer) for an embedded name or a local HF folder, offline.
+              dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
+              ) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for an embedded name or a local HF folder, offline, on `device` (None: the
+    CPU; "auto": the GPU when there is one) in `dtype` (None: as stored; or "bfloat16", …).
 
     task: "causal-lm", "classification" (needs num_labels; the head is freshly initialised),
     or "embedding"/"base" (the bare encoder/decoder). The tokenizer always has a pad token, and
@@ -165,6 +168,8 @@ def load_base(name_or_path: str, task: str = "causal-lm", num_labels: int | None
         raise ValueError("task='classification' needs num_labels (the number of classes), e.g. num_labels=2")
     import transformers
 
+    dtype = resolve_dtype(dtype)
+    target = resolve_device(device) if device is not None else None
     folder = resolve(name_or_path)
     kwargs = {"local_files_only": True}
     if task == "classification":
@@ -179,4 +184,4 @@ def load_base(name_or_path: str, task: str = "causal-lm", num_labels: int | None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     model.config.loralab_base = name_or_path if name_or_path in EMBEDDED else str(Path(folder).resolve())
-    return model, tok
+    return (model if target is None else model.to(target)), tok
