@@ -19,7 +19,8 @@ Speeds are median per-round ratios. `--registered 1000` also pushes requests for
 registered adapters through a pool of 64 and counts errors, misses and evictions. `--kernels`
 instead times the BGMV, SGMV and slot-grid kernels on SmolLM2 layer shapes, the measurement behind
 `loralab.serve.batched_lora.choose_kernel`.
-Run: `.venv/bin/python bench/serve.py` (about 10 minutes with the defaults).
+Run: `.venv/bin/python bench/serve.py` (about 10 minutes with the defaults). On a GPU:
+`--device cuda --dtype bfloat16` (`--base` takes any local HF folder of a Llama-family model).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from common import interleaved, markdown_table
 
 import loralab as ll
 from loralab.checkpoint import read_config, read_tensors, spec_from_config
+from loralab.devices import resolve_device, resolve_dtype
 from loralab.serve.batched_lora import RowSlots, SlotFactors, add_bgmv, add_sgmv, add_slot_grid, choose_kernel
 from loralab.serve.engine import Engine, SamplingParams
 from loralab.serve.pool import AdapterPool
@@ -74,7 +76,7 @@ def popularity(names: list[str], count: int, kind: str, seed: int = 0) -> list[s
 
 def hf_generate(model, tok, ids: list[list[int]], max_tokens: int, last: dict, **kwargs):
     """A timed call that leaves its generated tokens per request in last["tokens"]."""
-    batch = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+    batch = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(model.device)
 
     def run():
         with torch.inference_mode():
@@ -98,8 +100,9 @@ def read_factors(model: torch.nn.Module, folder: Path) -> list[tuple[torch.Tenso
     """(weight of the layer, s·B A) for every layer the adapter in `folder` targets."""
     scale = spec_from_config(read_config(folder)).scale
     tensors = read_tensors(folder)
-    return [(model.get_submodule(key.split(".lora_A")[0]).weight, scale * tensors[key.replace("lora_A", "lora_B")]
-             @ a) for key, a in tensors.items() if ".lora_A." in key]
+    pairs = [(model.get_submodule(key.split(".lora_A")[0]).weight, scale * tensors[key.replace("lora_A", "lora_B")]
+              @ a) for key, a in tensors.items() if ".lora_A." in key]
+    return [(w, delta.to(w.device, w.dtype)) for w, delta in pairs]
 
 
 def merge_per_adapter(model, tok, ids: list[list[int]], chosen: list[str], deltas: dict, max_tokens: int):
@@ -123,7 +126,7 @@ def merge_per_adapter(model, tok, ids: list[list[int]], chosen: list[str], delta
 def serve_table(args) -> None:
     from peft import PeftModel
 
-    base, tok = ll.load_base("smollm2-135m")
+    base, tok = ll.load_base(args.base, device=args.device, dtype=args.dtype)
     tok.padding_side = "left"
     ids = prompts(tok, args.requests, args.prompt_tokens)
     tokens = args.requests * args.max_tokens
@@ -152,24 +155,27 @@ def serve_table(args) -> None:
                     "engine": engine_generate(engine, ids, chosen, args.max_tokens, ours),
                     "engine, one adapter": engine_generate(engine, ids, [names[0]] * len(ids), args.max_tokens, {}),
                     "HF base": hf_generate(plain, tok, ids, args.max_tokens, {}),
-                    "merge per adapter": merge_per_adapter(merged, tok, ids, chosen, deltas, args.max_tokens),
                 }
+                if not args.no_merge:
+                    contenders["merge per adapter"] = merge_per_adapter(merged, tok, ids, chosen, deltas,
+                                                                        args.max_tokens)
                 if peft is not None:
                     contenders["PEFT"] = hf_generate(peft, tok, ids, args.max_tokens, theirs, adapter_names=chosen)
-                res = interleaved(contenders, "engine", rounds=args.rounds, repeats=1, warmup=1)
+                res = interleaved(contenders, "engine", rounds=args.rounds, repeats=1, warmup=1, sync=args.sync)
                 agree = f"{sum(o == p for o, p in zip(ours['tokens'], theirs['tokens']))}/{len(ids)}" if peft else "–"
                 speed = {c: tokens / res[c]["seconds"] for c in res}
                 rows.append([str(n), kind, str(len(set(chosen))), f"{speed['engine']:.0f}",
                              f"{res['engine, one adapter']['ratio']:.2f}x",
                              f"{res['PEFT']['ratio']:.2f}x" if peft else "–",
-                             f"{res['merge per adapter']['ratio']:.2f}x", f"{res['HF base']['ratio']:.2f}x",
+                             f"{res['merge per adapter']['ratio']:.2f}x" if not args.no_merge else "–",
+                             f"{res['HF base']['ratio']:.2f}x",
                              agree])
                 print(rows[-1], flush=True)
         if args.registered:
             rows.append(registered_run(plain, tok, root, names, ids, args))
-    print(f"\nSmolLM2-135M, {args.requests} requests x {args.max_tokens} greedy tokens, "
+    print(f"\n{args.base}, {args.requests} requests x {args.max_tokens} greedy tokens, "
           f"prompts of {args.prompt_tokens} tokens, LoRA ranks {RANKS} on {', '.join(TARGETS)}, "
-          f"{args.threads} thread(s), median of {args.rounds} interleaved rounds")
+          f"{where(args)}, median of {args.rounds} interleaved rounds")
     print(markdown_table(["adapters", "popularity", "distinct in batch", "engine tok/s",
                           "engine speed vs one adapter", "speed-up over PEFT", "speed-up over merge per adapter",
                           "speed vs HF base", "greedy tokens equal to PEFT's"], rows))
@@ -194,27 +200,34 @@ def registered_run(plain, tok, root: Path, names: list[str], ids: list[list[int]
             "–"]
 
 
+def where(args) -> str:
+    if args.device.type == "cuda":
+        return f"{torch.cuda.get_device_name(args.device)}, {args.dtype or 'float32'}"
+    return f"{args.threads} thread(s)"
+
+
 def kernel_table(args) -> None:
     rows = []
     gen = torch.Generator().manual_seed(0)
+    like = {"device": args.device, "dtype": resolve_dtype(args.dtype) or torch.float32}
     for d_in, d_out in ((576, 576), (576, 1536), (1536, 576)):
         for label, ranks in (("16", (16,)), ("64", (64,)), ("8–64", RANKS)):
-            factors = SlotFactors.stack([(torch.randn(ranks[i % len(ranks)], d_in),
-                                          torch.randn(d_out, ranks[i % len(ranks)]), 1.0) for i in range(64)])
+            factors = SlotFactors.stack([(torch.randn(ranks[i % len(ranks)], d_in, **like),
+                                          torch.randn(d_out, ranks[i % len(ranks)], **like), 1.0) for i in range(64)])
             for tokens in (1, 16):
                 for n in (8, 64):
                     for distinct in sorted({1, n // 4, n}):
-                        x, out = torch.randn(n, tokens, d_in), torch.zeros(n, tokens, d_out)
-                        rows_ = RowSlots((torch.randperm(n, generator=gen) % distinct).tolist())
+                        x, out = torch.randn(n, tokens, d_in, **like), torch.zeros(n, tokens, d_out, **like)
+                        rows_ = RowSlots((torch.randperm(n, generator=gen) % distinct).tolist(), args.device)
                         kernels = {name: lambda k=k, o=out, x=x, f=factors, s=rows_: k(o, x, f, s)
                                    for name, k in (("bgmv", add_bgmv), ("sgmv", add_sgmv), ("grid", add_slot_grid))}
                         with torch.inference_mode():
-                            res = interleaved(kernels, "sgmv", rounds=args.rounds, repeats=5)
+                            res = interleaved(kernels, "sgmv", rounds=args.rounds, repeats=5, sync=args.sync)
                         chosen = choose_kernel(rows_, factors, tokens).__name__.removeprefix("add_")
                         rows.append([f"{d_in}→{d_out}", label, str(tokens), str(n), str(distinct),
                                      f"{res['sgmv']['seconds'] * 1e6:.0f}", f"{res['bgmv']['ratio']:.2f}",
                                      f"{res['grid']['ratio']:.2f}", chosen])
-    print(f"Kernels per layer call against SGMV, {args.threads} thread(s), median of {args.rounds} interleaved rounds")
+    print(f"Kernels per layer call against SGMV, {where(args)}, median of {args.rounds} interleaved rounds")
     print(markdown_table(["layer", "ranks", "tokens/row", "rows", "distinct adapters", "SGMV µs", "BGMV / SGMV time",
                           "grid / SGMV time", "choose_kernel picks"], rows))
 
@@ -232,8 +245,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="1: steadiest on a small shared machine")
     ap.add_argument("--kernels", action="store_true", help="time the BGMV, SGMV and slot-grid kernels instead")
+    ap.add_argument("--no-merge", action="store_true", help="skip merge-per-adapter (one generate per adapter: "
+                                                             "slow with many adapters in a batch)")
+    ap.add_argument("--base", default="smollm2-135m", help="embedded causal LM or a local HF model folder")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, … (auto: the GPU when there is one)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights' dtype (default: as stored)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    args.device = resolve_device(args.device)
+    args.sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
     (kernel_table if args.kernels else serve_table)(args)
 
 

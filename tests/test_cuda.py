@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from test_model import Tiny, ids, perturb
+from test_model import Tiny, ids, mixed_rows_equal_each_adapter_alone, perturb
 from test_serve_batched_lora import SPECS, reference, run_alone, save_lora, tiny_llama
 from trainer_toy import Toy, adapted_toy, examples
 
@@ -50,23 +50,8 @@ def test_adapter_on_cuda_matches_the_cpu_and_merges_there(method):
 
 
 def test_mixed_rows_on_cuda_equal_each_adapter_alone():
-    m = Tiny()
-    ll.add_adapter(m, ll.AdapterSpec(r=2, targets=["q_proj", "v_proj"]), name="a")
-    ll.add_adapter(m, ll.AdapterSpec(method="dora", r=3, targets=["v_proj"]), name="b")
-    perturb(m, "a", 1)
-    perturb(m, "b", 2)
-    m.to(CUDA)
-    x = ids(5).to(CUDA)
-    alone = {}
-    for name in ("a", "b"):
-        ll.set_active(m, name)
-        alone[name] = m(x)
-    with ll.disabled(m):
-        alone[None] = m(x)
-    names = ["a", "b", None, "b", "a"]
-    mixed = m(x, adapter_names=names)
-    for i, name in enumerate(names):
-        torch.testing.assert_close(mixed[i], alone[name][i], atol=1e-5, rtol=1e-5)
+    m, *_ = mixed_rows_equal_each_adapter_alone(CUDA)
+    assert all(p.is_cuda for p in m.parameters())
 
 
 @pytest.mark.parametrize("kernel", [add_bgmv, add_sgmv, add_slot_grid])

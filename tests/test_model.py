@@ -130,13 +130,15 @@ def test_several_active_adapters_add_up():
         torch.testing.assert_close(m(x), base)
 
 
-def test_mixed_rows_equal_each_adapter_alone():
+def mixed_rows_equal_each_adapter_alone(device: str = "cpu") -> tuple[nn.Module, torch.Tensor, list, torch.Tensor]:
+    """A LoRA and a DoRA adapter mixed row by row on `device`; returns (model, input, row names, mixed output)."""
     m = Tiny()
-    x = ids(5)
     ll.add_adapter(m, ll.AdapterSpec(r=2, targets=["q_proj", "v_proj"]), name="a")
     ll.add_adapter(m, ll.AdapterSpec(method="dora", r=3, targets=["v_proj"]), name="b")
     perturb(m, "a", 1)
     perturb(m, "b", 2)
+    m.to(device)
+    x = ids(5).to(device)
     alone = {}
     for name in ("a", "b"):
         ll.set_active(m, name)
@@ -147,6 +149,11 @@ def test_mixed_rows_equal_each_adapter_alone():
     mixed = m(x, adapter_names=names)
     for i, name in enumerate(names):
         torch.testing.assert_close(mixed[i], alone[name][i], atol=1e-5, rtol=1e-5)
+    return m, x, names, mixed
+
+
+def test_mixed_rows_equal_each_adapter_alone():
+    m, x, names, mixed = mixed_rows_equal_each_adapter_alone()
     with ll.row_adapters(m, names):
         torch.testing.assert_close(m(x), mixed)
     assert all(mod.row_plan is None for mod in m.modules() if isinstance(mod, AdaptedLayer))

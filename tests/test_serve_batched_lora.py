@@ -148,6 +148,18 @@ def test_kernel_rule(monkeypatch, threads):
     assert choose_kernel(RowSlots([*range(16)] + [0] * 8), equal) is add_sgmv  # 9 rows on one: most cells empty
 
 
+def test_kernel_rule_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(batched_lora, "runs_on_gpu", lambda rows: True)
+    one_class = SlotFactors.stack([(torch.randn(16, 4), torch.randn(4, 16), 1.0)] * 16)
+    assert choose_kernel(RowSlots([3] * 8), one_class) is add_sgmv  # one adapter: one launch per step of SGMV
+    assert choose_kernel(RowSlots([0, 15]), one_class) is add_slot_grid  # two: the grid, padding and all
+    assert choose_kernel(RowSlots(range(16)), one_class, tokens=64) is add_sgmv  # a long prefill: not measured
+    many = SlotFactors.stack([(torch.randn(r, 4), torch.randn(4, r), 1.0) for r in (8, 16, 32, 64) * 4])
+    assert choose_kernel(RowSlots([0, 1, 2, 3]), many) is add_sgmv  # one adapter in each of four rank classes
+    assert choose_kernel(RowSlots(range(8)), many) is add_slot_grid  # two in each
+    assert choose_kernel(RowSlots([-1, -1]), many) is add_sgmv  # base rows only
+
+
 @pytest.mark.parametrize("kernel", [None, add_bgmv, add_sgmv, add_slot_grid])
 def test_mixed_batch_matches_each_adapter_alone(tmp_path, monkeypatch, kernel):
     if kernel is not None:  # every layer through this kernel, whatever the rule would pick
