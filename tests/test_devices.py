@@ -27,6 +27,15 @@ def test_auto_prefers_cuda_when_torch_sees_it(monkeypatch):
         resolve_device("cuda:2")
 
 
+def test_under_torchrun_each_process_takes_its_own_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")  # an explicit index wins
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
 def test_a_missing_gpu_is_refused_naming_what_is_there(monkeypatch):
     no_gpu(monkeypatch)
     with pytest.raises(ValueError, match="'cuda' is not available.*available: cpu$"):

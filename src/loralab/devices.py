@@ -10,6 +10,7 @@ does not.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -27,15 +28,17 @@ def available_devices() -> list[str]:
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """"auto" (or None): cuda if available, then mps, else cpu; otherwise the named device, if it exists."""
+    """"auto" (or None): cuda if available, then mps, else cpu; otherwise the named device, if it exists.
+    Under torchrun a bare "cuda" (or auto's) is this process's own GPU, cuda:LOCAL_RANK."""
+    found = available_devices()
     if name is None or str(name) == "auto":
-        found = available_devices()
-        return torch.device("cuda" if "cuda" in found else "mps" if "mps" in found else "cpu")
+        name = "cuda" if "cuda" in found else "mps" if "mps" in found else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"unknown device {str(name)!r}: use auto, cpu, cuda, cuda:N or mps") from err
-    found = available_devices()
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if device.type != "cpu" and str(device) not in found:
         raise ValueError(f"device {str(device)!r} is not available to this torch ({torch.__version__}); "
                          f"available: {', '.join(found)}")

@@ -159,11 +159,11 @@ class Trainer:
             self.rank_schedule = get_rank_schedule(self.config.rank_schedule)(model, self.config)
             self.callbacks.append(self.rank_schedule)
         self.on_save = on_save
-        self.rank, self.world = _distributed()
+        self.device = next(model.parameters()).device
+        self.rank, self.world = _distributed(self.device)
         if self.config.batch_size % self.world:
             raise ValueError(f"batch_size {self.config.batch_size} must divide by the {self.world} processes")
         self.engine = _wrap_ddp(model) if self.world > 1 else model
-        self.device = next(model.parameters()).device
         self.scaler = grad_scaler(self.device, self.config.precision)
         self.optimizer_factory = optimizer_factory or get_optimizer(self.config.optimizer)
         self.step = 0
@@ -498,13 +498,13 @@ def _sigint_deferred() -> Iterator[None]:
 
 
 # ---- torchrun --------------------------------------------------------------------------------
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); starts the process group under torchrun (gloo on CPU, nccl on GPU)."""
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); starts the process group under torchrun (nccl for a model on a GPU, else gloo)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
