@@ -88,7 +88,7 @@ def add_device_args(p: argparse.ArgumentParser, precision: bool = False, dtype: 
                        help="mixed precision: float32 weights, bf16/fp16 matrix products (fp16 with loss scaling)")
     if dtype:
         g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                       help="the base weights' dtype (default: as stored)")
+                       help="the base weights' dtype; None keeps the one stored")
 
 
 def _print_metrics(label: str, metrics: dict) -> None:
