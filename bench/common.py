@@ -11,9 +11,21 @@ import statistics
 import time
 from collections.abc import Callable
 
+import torch
+
 
 def no_sync() -> None:
     return None
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What `interleaved` calls around each timing so that queued GPU work is counted."""
+    return torch.cuda.synchronize if device.type == "cuda" else no_sync
+
+
+def describe(device: torch.device, threads: int) -> str:
+    """The machine a table was measured on, for its caption."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} thread(s)"
 
 
 def time_once(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = no_sync) -> float:

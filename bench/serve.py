@@ -31,11 +31,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import interleaved, markdown_table
+from common import describe, interleaved, markdown_table, synchronizer
 
 import loralab as ll
 from loralab.checkpoint import read_config, read_tensors, spec_from_config
-from loralab.devices import resolve_device, resolve_dtype
+from loralab.devices import DTYPES, resolve_device, resolve_dtype
 from loralab.serve.batched_lora import RowSlots, SlotFactors, add_bgmv, add_sgmv, add_slot_grid, choose_kernel
 from loralab.serve.engine import Engine, SamplingParams
 from loralab.serve.pool import AdapterPool
@@ -201,9 +201,7 @@ def registered_run(plain, tok, root: Path, names: list[str], ids: list[list[int]
 
 
 def where(args) -> str:
-    if args.device.type == "cuda":
-        return f"{torch.cuda.get_device_name(args.device)}, {args.dtype or 'float32'}"
-    return f"{args.threads} thread(s)"
+    return f"{describe(args.device, args.threads)}, {args.dtype or 'float32'}"
 
 
 def kernel_table(args) -> None:
@@ -249,11 +247,11 @@ def main() -> None:
                                                              "slow with many adapters in a batch)")
     ap.add_argument("--base", default="smollm2-135m", help="embedded causal LM or a local HF model folder")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, … (auto: the GPU when there is one)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights' dtype (default: as stored)")
+    ap.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype (default: as stored)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.device = resolve_device(args.device)
-    args.sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
+    args.sync = synchronizer(args.device)
     (kernel_table if args.kernels else serve_table)(args)
 
 

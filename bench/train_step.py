@@ -15,12 +15,12 @@ import argparse
 import copy
 
 import torch
-from common import interleaved, markdown_table
+from common import describe, interleaved, markdown_table, synchronizer
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import loralab as ll
-from loralab.devices import autocast, resolve_device
+from loralab.devices import PRECISIONS, autocast, resolve_device
 from loralab.profiling import saved_tensor_megabytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -85,10 +85,6 @@ def rank_sweep(base: torch.nn.Module, ids: torch.Tensor, ranks: list[int], args:
     print(markdown_table(["r", "loralab / floor", "PEFT / floor"], table))
 
 
-def synchronizer(device: torch.device):
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=30)
@@ -97,7 +93,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu, cuda, … (auto: the GPU when there is one)")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+    ap.add_argument("--precision", default="fp32", choices=PRECISIONS,
                     help="autocast over float32 weights for every contender")
     ap.add_argument("--ranks", type=int, nargs="+", help="time only the LoRA train step, at each of these ranks")
     args = ap.parse_args()
@@ -132,9 +128,8 @@ def main() -> None:
 
     table = [[name, f"{o['ratio']:.3f}x", f"{q['ratio']:.3f}x", f"{q['ratio'] / o['ratio']:.2f}x",
               f"{f['seconds'] * 1000:.1f} ms"] for name, o, q, f in rows]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"SmolLM2-135M shape ({args.layers} layers), batch {args.batch}x{args.seq}, LoRA r=16 on 7 projections, "
-          f"{where}, {p}, median of {args.rounds} interleaved rounds")
+          f"{describe(device, args.threads)}, {p}, median of {args.rounds} interleaved rounds")
     print(markdown_table(["contender", "loralab / floor", "PEFT / floor", "loralab speed-up over PEFT", "floor"],
                          table))
     print()

@@ -40,6 +40,7 @@ the decode steps took 1.1 s with one stack padded to rank 64 and 0.9 s with rank
 of the 16-token prefill 0.40 s in SGMV against 0.19 s in the grid. Its padding costs most on
 one thread (a grid half padding took 1.6–2.3× SGMV's time there, 0.8–1.3× on two, whose large
 calls spread over threads while SGMV's small ones do not), hence a stricter fill on one thread.
+On a GPU, where every call is a kernel launch, the rule is simpler (`GRID_MIN_PER_CLASS_GPU`).
 All three reuse scratch buffers across layers.
 
 `BatchedLoRALinear` wraps one `nn.Linear` and reads the shared `RowSlots`, which the serving
