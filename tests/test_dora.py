@@ -2,6 +2,7 @@
 
 import torch
 from method_harness import (
+    Net,
     attached,
     base_matrix,
     check_forward,
@@ -9,6 +10,7 @@ from method_harness import (
     check_param_count,
     check_save_load,
     check_training_lowers_loss,
+    dense_forward,
 )
 
 import loralab as ll
@@ -59,3 +61,26 @@ def test_embedding_is_refused_with_reason():
 
     with pytest.raises(ValueError, match="does not support Embedding"):
         attached(ll.AdapterSpec(**SPEC), "embedding")
+
+
+def test_residual_inits_keep_the_base_output():
+    """PiSSA/OLoRA move s·B₀A₀ out of W after DoRA took ‖W‖: the output at init must still be the base's."""
+    for init in ("pissa", "olora"):
+        net = Net("linear")
+        x = net.sample()
+        expected = net(x)
+        ll.add_adapter(net, ll.AdapterSpec(**{**SPEC, "init": init}))
+        torch.testing.assert_close(net(x), expected, atol=1e-5, rtol=1e-5, msg=init)
+
+
+def test_an_adapter_merged_under_it_changes_the_norms_dora_uses():
+    net, method = attached(ll.AdapterSpec(**SPEC), "linear")
+    ll.add_adapter(net, ll.AdapterSpec(method="lora", r=2, alpha=2, targets=["layer"]), name="other",
+                   activate=False)
+    with torch.no_grad():
+        net.layer.adapters["other"].lora_B.normal_(std=0.5)
+    x = net.sample()
+    net(x)  # ‖W‖² is computed and cached
+    ll.merge(net, "other")
+    w = base_matrix(net)  # W with the other adapter folded in
+    torch.testing.assert_close(net(x), dense_forward(net, x, w + dora_delta(method, w)), atol=1e-4, rtol=1e-4)

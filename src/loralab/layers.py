@@ -114,7 +114,7 @@ class AdaptedLayer(nn.Module):
         if not method.additive:
             self._backups[name] = weight.detach().clone()
         merged = method.merged_weight(self.kind.matrix(weight.detach()).clone())
-        weight.data.copy_(self.kind.to_weight(merged))
+        weight.copy_(self.kind.to_weight(merged))
         self.merged.append(name)
         self._refresh()
 
@@ -124,10 +124,10 @@ class AdaptedLayer(nn.Module):
         while self.merged:
             name = self.merged.pop()
             if name in self._backups:
-                weight.data.copy_(self._backups.pop(name))
+                weight.copy_(self._backups.pop(name))
             else:
                 delta = self.adapters[name].delta_weight()
-                weight.data.sub_(self.kind.to_weight(delta.to(weight.dtype)))
+                weight.sub_(self.kind.to_weight(delta.to(weight.dtype)))
         self._refresh()
 
     def extra_repr(self) -> str:

@@ -79,7 +79,7 @@ def start_from_factors(method: AdapterMethod, b: torch.Tensor, a: torch.Tensor) 
     layer = method.layer
     weight = layer.weight
     residual = layer.matrix(weight.detach()).float() - b.float() @ a.float()
-    weight.data.copy_(layer.to_weight(residual.to(weight.dtype)))
+    weight.copy_(layer.to_weight(residual.to(weight.dtype)))
     method.base_offset = (method.lora_A.detach().clone(), method.lora_B.detach().clone())
 
 
