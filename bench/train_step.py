@@ -7,6 +7,8 @@ gradients only), or its forward for inference. Run: `.venv/bin/python bench/trai
 LoRA layer costs whatever its rank (passes over the activations) from what grows with r.
 On a GPU: `--device cuda --precision bf16 --batch 8 --seq 512` (autocast over float32 weights,
 as `loralab train --precision bf16` trains; timings synchronise the device).
+`--compile` puts every contender, the floor included, through torch.compile first (as
+`loralab train --compile` does), so the ratios compare compiled steps with a compiled floor.
 """
 
 from __future__ import annotations
@@ -49,6 +51,19 @@ def make_models(base: torch.nn.Module, dora: bool, r: int = 16) -> tuple[torch.n
     return ours, theirs
 
 
+def compiled(model: torch.nn.Module, on: bool) -> torch.nn.Module:
+    # Dynamo keeps one cache per code object: five models of one class, trained and run for
+    # inference, need more entries than its default 8, past which it would quietly run eager.
+    torch._dynamo.config.recompile_limit = 64
+    return torch.compile(model) if on else model
+
+
+def warmup_calls(args: argparse.Namespace) -> int:
+    """Untimed calls per contender: a compiled step settles after its third (gradients and
+    requires_grad differ between the first calls, and each difference is a recompile)."""
+    return 4 if args.compile else 2
+
+
 def step_fn(model: torch.nn.Module, ids: torch.Tensor, floor: bool = False, precision: str = "fp32"):
     embed = model.get_input_embeddings()
 
@@ -73,12 +88,13 @@ def forward_fn(model: torch.nn.Module, ids: torch.Tensor, precision: str = "fp32
 
 def rank_sweep(base: torch.nn.Module, ids: torch.Tensor, ranks: list[int], args: argparse.Namespace) -> None:
     rounds, p = args.rounds, args.precision
-    contenders = {"floor": step_fn(base, ids, floor=True, precision=p)}
+    contenders = {"floor": step_fn(compiled(base, args.compile), ids, floor=True, precision=p)}
     for r in ranks:
-        ours, theirs = make_models(base, dora=False, r=r)
+        ours, theirs = (compiled(m, args.compile) for m in make_models(base, dora=False, r=r))
         contenders[f"loralab r={r}"], contenders[f"peft r={r}"] = step_fn(ours, ids, precision=p), step_fn(theirs, ids,
                                                                                                           precision=p)
-    times = interleaved(contenders, "floor", rounds=rounds, repeats=1, sync=synchronizer(ids.device))
+    times = interleaved(contenders, "floor", rounds=rounds, repeats=1, warmup=warmup_calls(args),
+                        sync=synchronizer(ids.device))
     table = [[str(r), f"{times[f'loralab r={r}']['ratio']:.3f}x", f"{times[f'peft r={r}']['ratio']:.3f}x"]
              for r in ranks]
     print(f"LoRA train step by rank, {rounds} interleaved rounds, floor {times['floor']['seconds'] * 1000:.0f} ms")
@@ -96,6 +112,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=PRECISIONS,
                     help="autocast over float32 weights for every contender")
     ap.add_argument("--ranks", type=int, nargs="+", help="time only the LoRA train step, at each of these ranks")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every contender (no memory table then)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -104,13 +121,14 @@ def main() -> None:
     if args.ranks:
         rank_sweep(base, ids, args.ranks, args)
         return
-    lora_ours, lora_peft = make_models(base, dora=False)
-    dora_ours, dora_peft = make_models(base, dora=True)
+    lora_ours, lora_peft = (compiled(m, args.compile) for m in make_models(base, dora=False))
+    dora_ours, dora_peft = (compiled(m, args.compile) for m in make_models(base, dora=True))
+    base = compiled(base, args.compile)
     p, sync = args.precision, synchronizer(device)
 
     def race(anchor: str, anchor_fn, fn, ours: torch.nn.Module, theirs: torch.nn.Module):
         named = {anchor: anchor_fn, "loralab": fn(ours, ids, precision=p), "peft": fn(theirs, ids, precision=p)}
-        return interleaved(named, anchor, rounds=args.rounds, sync=sync)
+        return interleaved(named, anchor, rounds=args.rounds, warmup=warmup_calls(args), sync=sync)
 
     floor = step_fn(base, ids, floor=True, precision=p)
     rows = []
@@ -129,9 +147,12 @@ def main() -> None:
     table = [[name, f"{o['ratio']:.3f}x", f"{q['ratio']:.3f}x", f"{q['ratio'] / o['ratio']:.2f}x",
               f"{f['seconds'] * 1000:.1f} ms"] for name, o, q, f in rows]
     print(f"SmolLM2-135M shape ({args.layers} layers), batch {args.batch}x{args.seq}, LoRA r=16 on 7 projections, "
-          f"{describe(device, args.threads)}, {p}, median of {args.rounds} interleaved rounds")
+          f"{describe(device, args.threads)}, {p}{', torch.compile' if args.compile else ''}, "
+          f"median of {args.rounds} interleaved rounds")
     print(markdown_table(["contender", "loralab / floor", "PEFT / floor", "loralab speed-up over PEFT", "floor"],
                          table))
+    if args.compile:  # saved-tensor hooks do not see inside a compiled graph
+        return
     print()
     mem_rows = [[name, f"{mem(m, floor):.0f} MB"] for name, m, floor in [
         ("frozen base (floor)", base, True), ("loralab LoRA", lora_ours, False), ("PEFT LoRA", lora_peft, False),

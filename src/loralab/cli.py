@@ -120,6 +120,9 @@ def train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step: a one-off compile (about a minute for SmolLM2-135M on 2 "
+                        "CPU cores), then faster steps")
     add_device_args(p, precision=True)
 
 
@@ -133,7 +136,7 @@ def train(args: argparse.Namespace) -> int:
                          rank_schedule=args.rank_schedule, rank_options=_parse_options(args.rank_option),
                          max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
                          save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
-                         precision=args.precision)
+                         precision=args.precision, compile=args.compile)
     result = finetune(args.base, spec_from_args(args), data_from_args(args), config, args.out, resume=args.resume,
                       calibration_batches=args.calibration_batches, device=args.device)
     print(result["params"])

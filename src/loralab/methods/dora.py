@@ -39,8 +39,11 @@ class DoRA(LoRA):
         return super().expected_trainable_params() + self.layer.out_features
 
     def _weight_sq_norms(self) -> torch.Tensor:
-        """‖W‖² per row, cached until the base weight changes (e.g. another adapter merges)."""
+        """‖W‖² per row, cached until the base weight changes (e.g. another adapter merges); under
+        torch.compile recomputed in the graph, as the cache's data-pointer check would break it."""
         w = self.layer.weight
+        if torch.compiler.is_compiling():
+            return self.layer.matrix(w.detach()).float().pow(2).sum(1)
         key = (w.data_ptr(), w._version)
         if self._w_sq is None or self._w_sq[0] != key:
             self._w_sq = (key, self.layer.matrix(w.detach()).float().pow(2).sum(1))

@@ -70,6 +70,7 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     precision: str = "fp32"  # or "bf16" / "fp16": mixed precision (autocast); fp16 adds loss scaling
+    compile: bool = False  # torch.compile the training forward and backward (evaluation stays eager)
 
     def validate(self) -> None:
         checks = [(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
@@ -163,7 +164,8 @@ class Trainer:
         self.rank, self.world = _distributed(self.device)
         if self.config.batch_size % self.world:
             raise ValueError(f"batch_size {self.config.batch_size} must divide by the {self.world} processes")
-        self.engine = _wrap_ddp(model) if self.world > 1 else model
+        engine = _wrap_ddp(model) if self.world > 1 else model
+        self.engine = torch.compile(engine) if self.config.compile else engine
         self.scaler = grad_scaler(self.device, self.config.precision)
         self.optimizer_factory = optimizer_factory or get_optimizer(self.config.optimizer)
         self.step = 0
