@@ -77,6 +77,11 @@ class AdaptedLayer(nn.Module):
         self._needs_base = any(m.needs_base for m in self._live)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        alone = len(self._live) == 1 and not self.disabled and self.row_plan is None
+        if alone and not args and not kwargs:
+            fused = self._live[0].layer_output(x)
+            if fused is not None:
+                return fused
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
@@ -84,7 +89,7 @@ class AdaptedLayer(nn.Module):
             return self._forward_rows(x, out, self.row_plan)
         if not self._live:
             return out
-        if len(self._live) == 1:
+        if alone:
             return self._live[0].apply_alone(x, out)
         base = self.kind.without_bias(out) if self._needs_base else None
         for method in self._live:

@@ -109,6 +109,11 @@ class AdapterMethod(nn.Module):
         """The layer output when this is the only adapter; `out` is the base output with bias."""
         return self.add_to(out, x, self.layer.without_bias(out) if self.needs_base else None)
 
+    def layer_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole layer's output, base included, computed in one fused step when this is the only
+        active adapter; None (the default) takes the usual path: the base layer, then `apply_alone`."""
+        return None
+
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The canonical weight with this adapter folded in."""
         return weight + self.delta_weight().to(weight.dtype)

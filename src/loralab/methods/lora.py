@@ -1,9 +1,12 @@
 """LoRA: ΔW = (alpha / r) · B A with A ∈ R^{r×in}, B ∈ R^{out×r} (Hu et al., arXiv 2106.09685).
 
 rsLoRA (Kalajdzievski, arXiv 2312.03732) is the same method with scale alpha / sqrt(r)
-(`AdapterSpec(rslora=True)`). The unmerged path never forms ΔW: for linear layers it is
-two thin matmuls with the scale and the add fused into one `addmm`; convolutions apply A as
-a kernel and B as a 1×1 convolution; embeddings look rows of Aᵀ up and multiply by Bᵀ.
+(`AdapterSpec(rslora=True)`). The unmerged path never forms ΔW. On a linear layer where it
+is the only active adapter, the base matmul and the update run as one autograd step
+(`loralab.fused_lora`: the update added in place, one input gradient); otherwise it is two
+thin matmuls with the scale and the add fused into one `addmm`. Convolutions apply A as a
+kernel and B as a 1×1 convolution; embeddings look rows of Aᵀ up and multiply by Bᵀ.
+Variants that only change `factors()` (DyLoRA, SoRA, …) keep the fused path.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loralab.fused_lora import lora_linear
 from loralab.layer_kinds import LayerKind
 from loralab.methods.base import METHODS, AdapterMethod
 from loralab.spec import AdapterSpec
@@ -21,11 +25,19 @@ from loralab.spec import AdapterSpec
 
 @METHODS.register("lora")
 class LoRA(AdapterMethod):
+    _fusable = True
     name = "lora"
     summary = "Low-rank update ΔW = s·BA; B starts at zero"
     paper = "2106.09685"
     param_formula = "r·(in + out)"
     peft_type = "LORA"
+
+    # Overriding any of these changes what the layer computes, so a subclass that does loses the fused path.
+    _FORWARD = ("drop", "delta", "low_rank_out", "forward", "add_to", "apply_alone")
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._fusable = all(getattr(cls, n) is getattr(LoRA, n) for n in LoRA._FORWARD)
 
     def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
         super().__init__(layer, spec, shared)
@@ -67,6 +79,26 @@ class LoRA(AdapterMethod):
         h = F.linear(self.drop(x), a)
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, a.shape[0]), b.T, alpha=s)
         return flat.view(out.shape)
+
+    def can_fuse(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+        """Whether `loralab.fused_lora` computes this layer: a linear layer with a frozen base (a base
+        trained alongside needs its own gradient) and one dtype throughout unless autocast casts."""
+        layer = self.layer
+        if layer.name not in ("linear", "hf-conv1d") or not x.is_floating_point():
+            return False
+        w, bias = layer.weight, layer.bias
+        if w.requires_grad or (bias is not None and bias.requires_grad):
+            return False
+        return torch.is_autocast_enabled(x.device.type) or x.dtype == w.dtype == a.dtype == b.dtype
+
+    def layer_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self._fusable:
+            return None
+        a, b, s = self.factors()
+        if not self.can_fuse(x, a, b):
+            return None
+        dropped = self.dropout(x) if self.dropout is not None and self.training else None
+        return lora_linear(x, self.layer.matrix(), self.layer.bias, a, b, s, dropped)
 
     # PEFT names: lora_A.weight / lora_B.weight (conv: kernel shapes), lora_embedding_A / _B.
     def to_saved(self) -> dict[str, torch.Tensor]:
