@@ -179,3 +179,27 @@ def test_two_active_adapters_and_mixed_rows_take_the_usual_path():
     assert type(host(x).grad_fn).__name__ == FUSED
     with ll.disabled(host):
         torch.testing.assert_close(host(x), layer.base_layer(x))
+
+
+class ScaledLinear(nn.Linear):
+    """A Linear subclass with its own forward (as quantised layers have): the fused path must call it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_a_base_layer_with_its_own_forward_or_a_hook_is_called_not_bypassed():
+    host, m = adapted(ScaledLinear(12, 9))
+    x = torch.randn(3, 12, requires_grad=True)
+    layer = host.proj.base_layer
+    torch.testing.assert_close(host(x), 2 * F.linear(x, layer.weight, layer.bias) + m.delta(x))
+    host, m = adapted(nn.Linear(12, 9))
+    seen = []
+    handle = host.proj.base_layer.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    y = host(x)
+    assert seen == [torch.Size([3, 9])] and type(y.grad_fn).__name__ != FUSED
+    handle.remove()
+    with nn.modules.module.register_module_forward_hook(lambda mod, args, out: seen.append(type(mod))):
+        host(x)
+    assert nn.Linear in seen
+    assert type(host(x).grad_fn).__name__ == FUSED

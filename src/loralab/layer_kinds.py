@@ -17,6 +17,14 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
+def _global_hooks() -> bool:
+    """Whether any module-wide hook (nn.modules.module.register_module_forward_hook, …) is set."""
+    m = nn.modules.module
+    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+             "_global_backward_pre_hooks")
+    return any(getattr(m, n, None) for n in names)
+
+
 class LayerKind:
     """The canonical view of one base layer. Holds a reference to it, not a copy."""
 
@@ -62,6 +70,17 @@ class LayerKind:
         bias = self.bias
         return out if bias is None else self.add_bias(out, -bias)
 
+    def runs_plain(self) -> bool:
+        """Whether calling the base layer computes `x Wᵀ + b` and nothing else — the class's own
+        forward (not a subclass's, e.g. a quantised Linear), no hooks on it — so that a fused path
+        may compute that itself instead of calling the layer."""
+        b = self.base
+        hooked = b._forward_hooks or b._forward_pre_hooks or b._backward_hooks or b._backward_pre_hooks
+        return not hooked and not _global_hooks() and self._own_forward(type(b))
+
+    def _own_forward(self, cls: type) -> bool:
+        return cls.forward is nn.Linear.forward
+
 
 class TransposedKind(LayerKind):
     """Layers that store W transposed, [in, out]: GPT-2's Conv1D, and nn.Embedding's [num, dim] table."""
@@ -85,6 +104,9 @@ class HFConv1DKind(TransposedKind):
     """transformers' Conv1D (GPT-2): y = x @ W + b with W stored [in, out]."""
 
     name = "hf-conv1d"
+
+    def _own_forward(self, cls: type) -> bool:
+        return cls.__module__ == "transformers.pytorch_utils"
 
 
 class ConvKind(LayerKind):

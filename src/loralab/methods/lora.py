@@ -81,10 +81,11 @@ class LoRA(AdapterMethod):
         return flat.view(out.shape)
 
     def can_fuse(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-        """Whether `loralab.fused_lora` computes this layer: a linear layer with a frozen base (a base
-        trained alongside needs its own gradient) and one dtype throughout unless autocast casts."""
+        """Whether `loralab.fused_lora` computes this layer: a plain linear layer (see
+        LayerKind.runs_plain) with a frozen base (a base trained alongside needs its own gradient)
+        and one dtype throughout unless autocast casts."""
         layer = self.layer
-        if layer.name not in ("linear", "hf-conv1d") or not x.is_floating_point():
+        if layer.name not in ("linear", "hf-conv1d") or not x.is_floating_point() or not layer.runs_plain():
             return False
         w, bias = layer.weight, layer.bias
         if w.requires_grad or (bias is not None and bias.requires_grad):
