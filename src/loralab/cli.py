@@ -24,13 +24,13 @@ def _parse_options(pairs: list[str]) -> dict:
 
 def add_adapter_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("adapter")
-    g.add_argument("--method", default="lora", help="ΔW form (see `loralab methods`), default lora")
-    g.add_argument("--r", type=int, default=8, help="rank (default 8)")
-    g.add_argument("--alpha", type=float, default=16.0, help="scaling numerator: scale = alpha / r (default 16)")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter path (default 0)")
+    g.add_argument("--method", default="lora", help="ΔW form (see `loralab methods`)")
+    g.add_argument("--r", type=int, default=8, help="rank")
+    g.add_argument("--alpha", type=float, default=16.0, help="scaling numerator: scale = alpha / r")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter path")
     g.add_argument("--targets", default="all-linear",
-                   help="comma-separated module-name suffixes (q_proj,v_proj), a regex, or all-linear (default)")
-    g.add_argument("--init", default="gaussian", help="initialiser (see `loralab methods`), default gaussian")
+                   help="comma-separated module-name suffixes (q_proj,v_proj), a regex, or all-linear")
+    g.add_argument("--init", default="gaussian", help="initialiser (see `loralab methods`)")
     g.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rsLoRA)")
     g.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method option; repeatable")
     g.add_argument("--init-option", action="append", metavar="KEY=VALUE",
@@ -121,8 +121,8 @@ def train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step: a one-off compile (about a minute for SmolLM2-135M on 2 "
-                        "CPU cores), then faster steps")
+                   help="torch.compile the training step: a one-off compile (about 50 s for SmolLM2-135M on 2 "
+                        "CPU cores); whether the steps then run faster depends on the machine (see the README)")
     add_device_args(p, precision=True)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 
-def _forward(x, dropped, weight, bias, a, b, scale, gain):  # noqa: ANN001, ANN202
+def _forward(x, dropped, weight, bias, a, b, scale, gain):
     """(y, what the backward needs): the rows of x flattened to one matrix, the update added in place."""
     x2 = x.reshape(-1, x.shape[-1])
     d2 = x2 if dropped is None else dropped.reshape(-1, x.shape[-1])
@@ -35,14 +35,14 @@ def _forward(x, dropped, weight, bias, a, b, scale, gain):  # noqa: ANN001, ANN2
 
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dropped, weight, bias, a, b, scale, gain):  # noqa: ANN001, ANN205 (autograd's signature)
+    def forward(ctx, x, dropped, weight, bias, a, b, scale, gain):
         y, (d2, t, z) = _forward(x, dropped, weight, bias, a, b, scale, gain)
         ctx.save_for_backward(d2, t, weight, a, b, gain, z)
         ctx.scale, ctx.x_shape, ctx.shared_input = scale, x.shape, dropped is None
         return y
 
     @staticmethod
-    def backward(ctx, dy):  # noqa: ANN001, ANN205
+    def backward(ctx, dy):
         d2, t, weight, a, b, gain, z = ctx.saved_tensors
         need_x, need_dropped, _, _, need_a, need_b, _, need_gain = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])
