@@ -66,13 +66,14 @@ def warmup_calls(args: argparse.Namespace) -> int:
 
 def step_fn(model: torch.nn.Module, ids: torch.Tensor, floor: bool = False, precision: str = "fp32"):
     embed = model.get_input_embeddings()
+    trained = [p for p in model.parameters() if p.requires_grad]  # what an optimiser's zero_grad visits
 
     def step() -> None:
         h = embed(ids).detach().requires_grad_(floor)  # the floor needs something to differentiate
         with autocast(ids.device, precision):
             loss = model(inputs_embeds=h, labels=ids).loss
         loss.backward()
-        for p in model.parameters():
+        for p in trained:
             p.grad = None
 
     return step

@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 import loralab as ll
 from loralab.layers import AdaptedLayer
 
-FUSED = "_LowRankLinearBackward"
+FUSED = "_LowRankLinearsBackward"
 
 
 class Host(nn.Module):

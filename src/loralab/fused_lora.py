@@ -1,4 +1,4 @@
-"""A linear layer and its low-rank update as one autograd step: y = x Wᵀ + b + s·(x Aᵀ) Bᵀ,
+"""Linear layers and their low-rank updates as one autograd step: y = x Wᵀ + b + s·(x Aᵀ) Bᵀ,
 or with a per-row gain g, y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b (DoRA, arXiv 2402.09353, where
 g = m / ‖W + sBA‖_row is computed by the caller).
 
@@ -9,77 +9,136 @@ then adds them (two more input-sized tensors). Here the update is added in place
 base output, and the backward writes dx = dy W once and adds s·(dy B) A into it in place, so
 the only extra work is the four thin products. The frozen base weight gets no gradient.
 
+Several layers that read the same input (an attention block's q, k and v projections, an
+MLP's gate and up) can go through one step together (`lora_linears`): their A factors are
+stacked, so x Aᵀ, the A gradient and the update's share of dx are one product each instead of
+one per layer, and dx sums the layers' dy W in place instead of autograd adding them after.
+
 With adapter dropout the update sees a dropped copy of x: it is passed as `dropped`, and its
-gradient is returned separately so autograd takes it back through the dropout mask. With a
-gain the pre-gain output is kept for the gain's gradient, as the unfused DoRA keeps it.
+gradient is returned separately so autograd takes it back through the dropout mask (one layer
+only: each layer drops its own copy). With a gain the pre-gain output is kept for the gain's
+gradient, as the unfused DoRA keeps it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
+from torch import nn
 
 
-def _forward(x, dropped, weight, bias, a, b, scale, gain):
-    """(y, what the backward needs): the rows of x flattened to one matrix, the update added in place."""
+class LowRankTerms(NamedTuple):
+    """What one linear layer with a low-rank update computes (see the module docstring)."""
+
+    weight: torch.Tensor  # canonical [out, in], frozen
+    bias: torch.Tensor | None
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scale: float
+    gain: torch.Tensor | None = None  # [out]
+    dropout: nn.Module | None = None  # applied to the update's input only
+
+
+def _forward(x, dropped, scales, weights, biases, a_s, b_s, gains):
+    """(outputs, what the backward needs); the rows of x flattened to one matrix, each update added in place."""
     x2 = x.reshape(-1, x.shape[-1])
     d2 = x2 if dropped is None else dropped.reshape(-1, x.shape[-1])
-    y = torch.mm(x2, weight.T) if bias is None or gain is not None else torch.addmm(bias, x2, weight.T)
-    t = torch.mm(d2, a.T)
-    y.addmm_(t, b.T, alpha=scale)
-    z = None
-    if gain is not None:
-        z = y
-        y = z * gain if bias is None else torch.addcmul(bias, z, gain)
-    return y.view(*x.shape[:-1], weight.shape[0]), (d2, t, z)
-
-
-class _LowRankLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dropped, weight, bias, a, b, scale, gain):
-        y, (d2, t, z) = _forward(x, dropped, weight, bias, a, b, scale, gain)
-        ctx.save_for_backward(d2, t, weight, a, b, gain, z)
-        ctx.scale, ctx.x_shape, ctx.shared_input = scale, x.shape, dropped is None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        d2, t, weight, a, b, gain, z = ctx.saved_tensors
-        need_x, need_dropped, _, _, need_a, need_b, _, need_gain = ctx.needs_input_grad
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dgain = None
+    a = a_s[0] if len(a_s) == 1 else torch.cat(a_s)
+    t = torch.mm(d2, a.t())
+    outs, pre_gain, start = [], [], 0
+    for weight, bias, b, scale, gain in zip(weights, biases, b_s, scales, gains):
+        r = b.shape[1]
+        y = torch.mm(x2, weight.t()) if bias is None or gain is not None else torch.addmm(bias, x2, weight.t())
+        y.addmm_(t if len(b_s) == 1 else t[:, start:start + r], b.t(), alpha=scale)
+        start += r
+        pre_gain.append(y if gain is not None else None)
         if gain is not None:
-            if need_gain:
-                dgain = (dy2 * z).sum(0)
-            dy2 = dy2 * gain
-        g = torch.mm(dy2, b).mul_(ctx.scale)  # s·(dy B): the gradient at the rank-r bottleneck
-        dx = dd = da = db = None
+            y = y * gain if bias is None else torch.addcmul(bias, y, gain)
+        outs.append(y.view(*x.shape[:-1], weight.shape[0]))
+    return outs, (d2, t, a, pre_gain)
+
+
+class _LowRankLinears(torch.autograd.Function):
+    """n layers on one input: apply(x, dropped, scales, n, *weights, *biases, *As, *Bs, *gains)."""
+
+    @staticmethod
+    def forward(ctx, x, dropped, scales, n, *tensors):
+        weights, biases, a_s, b_s, gains = (tensors[i * n:(i + 1) * n] for i in range(5))
+        outs, (d2, t, a, pre_gain) = _forward(x, dropped, scales, weights, biases, a_s, b_s, gains)
+        ctx.save_for_backward(d2, t, a, *weights, *b_s, *gains, *pre_gain)
+        ctx.scales, ctx.n, ctx.x_shape, ctx.shared_input = scales, n, x.shape, dropped is None
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        n, scales = ctx.n, ctx.scales
+        d2, t, a, *rest = ctx.saved_tensors
+        weights, b_s, gains, pre_gain = (rest[i * n:(i + 1) * n] for i in range(4))
+        needs = ctx.needs_input_grad
+        need_x, need_dropped = needs[0], needs[1]
+        need_a, need_b, need_gain = (needs[4 + i * n:4 + (i + 1) * n] for i in range(2, 5))
+        dx = None
+        gs, dbs, dgains, start = [], [], [], 0
+        for dy, weight, b, scale, gain, z, wants_b, wants_gain in zip(
+                dys, weights, b_s, scales, gains, pre_gain, need_b, need_gain):
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            dgain = None
+            if gain is not None:
+                if wants_gain:
+                    dgain = (dy2 * z).sum(0)
+                dy2 = dy2 * gain
+            dgains.append(dgain)
+            gs.append(torch.mm(dy2, b).mul_(scale))  # s·(dy B): the gradient at the rank-r bottleneck
+            if need_x:
+                dx = torch.mm(dy2, weight) if dx is None else dx.addmm_(dy2, weight)
+            r = b.shape[1]
+            dbs.append(torch.mm(dy2.t(), t if n == 1 else t[:, start:start + r]).mul_(scale) if wants_b else None)
+            start += r
+        g = gs[0] if n == 1 else torch.cat(gs, dim=1)
+        dd = None
         if need_x:
-            dx = torch.mm(dy2, weight)
             if ctx.shared_input:
                 dx.addmm_(g, a)
             dx = dx.view(ctx.x_shape)
         if need_dropped:
             dd = torch.mm(g, a).view(ctx.x_shape)
-        if need_a:
-            da = torch.mm(g.T, d2)
-        if need_b:
-            db = torch.mm(dy2.T, t).mul_(ctx.scale)
-        return dx, dd, None, None, da, db, None, dgain
+        das = [None] * n
+        if any(need_a):
+            da = torch.mm(g.t(), d2)
+            das = [da] if n == 1 else list(da.split([b.shape[1] for b in b_s]))
+        return dx, dd, None, None, *([None] * 2 * n), *das, *dbs, *dgains
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-                b: torch.Tensor, scale: float, dropped: torch.Tensor | None = None,
-                gain: torch.Tensor | None = None) -> torch.Tensor:
-    """x Wᵀ + bias + scale·(dropped Aᵀ) Bᵀ with `weight` the canonical [out, in] matrix (frozen) and
-    `dropped` the adapter's input after dropout (None: x itself); with `gain` [out], the sum before
-    the bias is scaled per output row. Under autocast the operands are cast to the autocast dtype
-    first, as F.linear would cast them."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, a, b = (v.to(dtype) for v in (x, weight, a, b))
-        bias, dropped, gain = (None if v is None else v.to(dtype) for v in (bias, dropped, gain))
-    args = (x, dropped, weight, bias, a, b, scale, gain)
-    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x, dropped, a, b, gain)):
-        return _LowRankLinear.apply(*args)
-    return _forward(*args)[0]  # inference: no autograd node to build
+def _cast_for_autocast(x: torch.Tensor, terms: Sequence[LowRankTerms]) -> tuple[torch.Tensor, list[LowRankTerms]]:
+    """Operands in the autocast dtype, as F.linear would cast them (when autocast is on)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x, list(terms)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    cast = [t._replace(weight=t.weight.to(dtype), bias=None if t.bias is None else t.bias.to(dtype),
+                       a=t.a.to(dtype), b=t.b.to(dtype), gain=None if t.gain is None else t.gain.to(dtype))
+            for t in terms]
+    return x.to(dtype), cast
+
+
+def lora_linears(x: torch.Tensor, terms: Sequence[LowRankTerms],
+                 dropped: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Each layer's output for input x (see LowRankTerms), all in one step; `dropped` is the one
+    layer's update input after its dropout (None: x itself; several layers take no dropout)."""
+    if dropped is not None and len(terms) != 1:
+        raise ValueError(f"a dropped input is one layer's own: got {len(terms)} layers")
+    x, terms = _cast_for_autocast(x, terms)
+    if dropped is not None:
+        dropped = dropped.to(x.dtype)
+    weights, biases, a_s, b_s, scales, gains, _ = zip(*terms)
+    trained = (x, dropped, *a_s, *b_s, *gains)
+    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in trained):
+        return _LowRankLinears.apply(x, dropped, scales, len(terms), *weights, *biases, *a_s, *b_s, *gains)
+    return tuple(_forward(x, dropped, scales, weights, biases, a_s, b_s, gains)[0])  # inference: no node
+
+
+def lora_linear(x: torch.Tensor, terms: LowRankTerms) -> torch.Tensor:
+    """One layer's output for input x, its dropout (if any, and in training) on the update's input."""
+    dropped = terms.dropout(x) if terms.dropout is not None else None
+    return lora_linears(x, (terms,), dropped)[0]

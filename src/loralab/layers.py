@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loralab.fused_lora import LowRankTerms, lora_linear
 from loralab.layer_kinds import LayerKind, kind_of
 from loralab.methods.base import AdapterMethod
+from loralab.siblings import SiblingGroup
 
 
 @dataclass
@@ -56,6 +58,7 @@ class AdaptedLayer(nn.Module):
         self._backups: dict[str, torch.Tensor] = {}
         self._live: list[AdapterMethod] = []
         self._needs_base = False
+        self.siblings: SiblingGroup | None = None  # set by loralab.siblings.link_siblings
 
     def add(self, name: str, method: AdapterMethod) -> None:
         self.adapters[name] = method
@@ -75,13 +78,25 @@ class AdaptedLayer(nn.Module):
     def _refresh(self) -> None:
         self._live = [self.adapters[n] for n in self.active if n not in self.merged]
         self._needs_base = any(m.needs_base for m in self._live)
+        if self.siblings is not None:
+            self.siblings.clear()
+
+    def fused_terms(self, x: torch.Tensor) -> LowRankTerms | None:
+        """This layer as one fused step computes it (see AdapterMethod.fused_terms), or None."""
+        if len(self._live) != 1 or self.disabled or self.row_plan is not None:
+            return None
+        return self._live[0].fused_terms(x)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         alone = len(self._live) == 1 and not self.disabled and self.row_plan is None
         if alone and not args and not kwargs:
-            fused = self._live[0].layer_output(x)
-            if fused is not None:
-                return fused
+            if self.siblings is not None:
+                out = self.siblings.output(self, x)
+                if out is not None:
+                    return out
+            terms = self._live[0].fused_terms(x)
+            if terms is not None:
+                return lora_linear(x, terms)
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out

@@ -19,6 +19,7 @@ from loralab.layer_kinds import kind_of
 from loralab.layers import AdaptedLayer, RowPlan, SavedModule
 from loralab.methods.base import METHODS, AdapterMethod
 from loralab.registry import close_matches, unknown_name_message
+from loralab.siblings import link_siblings
 from loralab.spec import AdapterSpec
 from loralab.targets import candidate_modules, resolve_targets, suffix_match
 
@@ -128,6 +129,7 @@ def add_adapter(
         current.add(name, method)
         method.attach(current)
     state.specs[name] = spec
+    link_siblings(model)
     init(model, new, InitContext(calibration, calibration_batches, loss_fn, spec.init_options))
     set_active(model, name if activate else state.active)
     return model
@@ -279,6 +281,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
             _set_module(model, path, module.base_layer if isinstance(module, AdaptedLayer) else module.original)
     del state.specs[name]
     state.active = [n for n in state.active if n != name]
+    link_siblings(model)
     _apply_trainable(model)
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loralab.fused_lora import LowRankTerms
 from loralab.layer_kinds import LayerKind
 from loralab.registry import Registry
 from loralab.spec import AdapterSpec
@@ -109,9 +110,10 @@ class AdapterMethod(nn.Module):
         """The layer output when this is the only adapter; `out` is the base output with bias."""
         return self.add_to(out, x, self.layer.without_bias(out) if self.needs_base else None)
 
-    def layer_output(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The whole layer's output, base included, computed in one fused step when this is the only
-        active adapter; None (the default) takes the usual path: the base layer, then `apply_alone`."""
+    def fused_terms(self, x: torch.Tensor) -> LowRankTerms | None:
+        """When this is the only active adapter: the layer as `loralab.fused_lora` computes it in one
+        step, base included (alone, or with sibling layers that read the same input); None (the
+        default) takes the usual path: the base layer, then `apply_alone`."""
         return None
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loralab.fused_lora import lora_linear
+from loralab.fused_lora import LowRankTerms
 from loralab.layer_kinds import LayerKind
 from loralab.methods.base import METHODS, AdapterMethod
 from loralab.spec import AdapterSpec
@@ -92,14 +92,14 @@ class LoRA(AdapterMethod):
             return False
         return torch.is_autocast_enabled(x.device.type) or x.dtype == w.dtype == a.dtype == b.dtype
 
-    def layer_output(self, x: torch.Tensor) -> torch.Tensor | None:
+    def fused_terms(self, x: torch.Tensor) -> LowRankTerms | None:
         if not self._fusable:
             return None
         a, b, s = self.factors()
         if not self.can_fuse(x, a, b):
             return None
-        dropped = self.dropout(x) if self.dropout is not None and self.training else None
-        return lora_linear(x, self.layer.matrix(), self.layer.bias, a, b, s, dropped)
+        return LowRankTerms(self.layer.matrix(), self.layer.bias, a, b, s,
+                            dropout=self.dropout if self.training else None)
 
     # PEFT names: lora_A.weight / lora_B.weight (conv: kernel shapes), lora_embedding_A / _B.
     def to_saved(self) -> dict[str, torch.Tensor]:
