@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -45,19 +46,21 @@ def _forward(x, dropped, scales, weights, biases, a_s, b_s, gains):
     """(outputs, what the backward needs); the rows of x flattened to one matrix, each update added in place."""
     x2 = x.reshape(-1, x.shape[-1])
     d2 = x2 if dropped is None else dropped.reshape(-1, x.shape[-1])
-    a = a_s[0] if len(a_s) == 1 else torch.cat(a_s)
-    t = torch.mm(d2, a.t())
-    outs, pre_gain, start = [], [], 0
-    for weight, bias, b, scale, gain in zip(weights, biases, b_s, scales, gains):
-        r = b.shape[1]
-        y = torch.mm(x2, weight.t()) if bias is None or gain is not None else torch.addmm(bias, x2, weight.t())
-        y.addmm_(t if len(b_s) == 1 else t[:, start:start + r], b.t(), alpha=scale)
-        start += r
+    t = F.linear(d2, a_s[0] if len(a_s) == 1 else torch.cat(a_s))
+    outs, pre_gain = [], []
+    for weight, bias, b, scale, gain, t_i in zip(weights, biases, b_s, scales, gains, _per_layer(t, b_s)):
+        y = F.linear(x2, weight, bias if gain is None else None)
+        y.addmm_(t_i, b.t(), alpha=scale)
         pre_gain.append(y if gain is not None else None)
         if gain is not None:
             y = y * gain if bias is None else torch.addcmul(bias, y, gain)
         outs.append(y.view(*x.shape[:-1], weight.shape[0]))
-    return outs, (d2, t, a, pre_gain)
+    return outs, (d2, t, pre_gain)
+
+
+def _per_layer(t: torch.Tensor, b_s: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """The stacked x Aᵀ split back into each layer's columns."""
+    return (t,) if len(b_s) == 1 else t.split_with_sizes([b.shape[1] for b in b_s], dim=1)
 
 
 class _LowRankLinears(torch.autograd.Function):
@@ -66,23 +69,23 @@ class _LowRankLinears(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dropped, scales, n, *tensors):
         weights, biases, a_s, b_s, gains = (tensors[i * n:(i + 1) * n] for i in range(5))
-        outs, (d2, t, a, pre_gain) = _forward(x, dropped, scales, weights, biases, a_s, b_s, gains)
-        ctx.save_for_backward(d2, t, a, *weights, *b_s, *gains, *pre_gain)
+        outs, (d2, t, pre_gain) = _forward(x, dropped, scales, weights, biases, a_s, b_s, gains)
+        ctx.save_for_backward(d2, t, *a_s, *weights, *b_s, *gains, *pre_gain)  # A stacked again when needed
         ctx.scales, ctx.n, ctx.x_shape, ctx.shared_input = scales, n, x.shape, dropped is None
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys):
         n, scales = ctx.n, ctx.scales
-        d2, t, a, *rest = ctx.saved_tensors
-        weights, b_s, gains, pre_gain = (rest[i * n:(i + 1) * n] for i in range(4))
+        d2, t, *rest = ctx.saved_tensors
+        a_s, weights, b_s, gains, pre_gain = (rest[i * n:(i + 1) * n] for i in range(5))
         needs = ctx.needs_input_grad
         need_x, need_dropped = needs[0], needs[1]
         need_a, need_b, need_gain = (needs[4 + i * n:4 + (i + 1) * n] for i in range(2, 5))
         dx = None
-        gs, dbs, dgains, start = [], [], [], 0
-        for dy, weight, b, scale, gain, z, wants_b, wants_gain in zip(
-                dys, weights, b_s, scales, gains, pre_gain, need_b, need_gain):
+        gs, dbs, dgains = [], [], []
+        for dy, weight, b, scale, gain, z, t_i, wants_b, wants_gain in zip(
+                dys, weights, b_s, scales, gains, pre_gain, _per_layer(t, b_s), need_b, need_gain):
             dy2 = dy.reshape(-1, dy.shape[-1])
             dgain = None
             if gain is not None:
@@ -90,13 +93,13 @@ class _LowRankLinears(torch.autograd.Function):
                     dgain = (dy2 * z).sum(0)
                 dy2 = dy2 * gain
             dgains.append(dgain)
-            gs.append(torch.mm(dy2, b).mul_(scale))  # s·(dy B): the gradient at the rank-r bottleneck
+            # s·(dy B), the gradient at the rank-r bottleneck. With beta=0 addmm's first argument only
+            # lends its shape, and alpha scales inside the product (a separate scalar multiply costs more).
+            gs.append(torch.addmm(t_i, dy2, b, beta=0, alpha=scale))
             if need_x:
                 dx = torch.mm(dy2, weight) if dx is None else dx.addmm_(dy2, weight)
-            r = b.shape[1]
-            dbs.append(torch.mm(dy2.t(), t if n == 1 else t[:, start:start + r]).mul_(scale) if wants_b else None)
-            start += r
-        g = gs[0] if n == 1 else torch.cat(gs, dim=1)
+            dbs.append(torch.addmm(b, dy2.t(), t_i, beta=0, alpha=scale) if wants_b else None)
+        g, a = (gs[0], a_s[0]) if n == 1 else (torch.cat(gs, dim=1), torch.cat(a_s))
         dd = None
         if need_x:
             if ctx.shared_input:
@@ -107,7 +110,7 @@ class _LowRankLinears(torch.autograd.Function):
         das = [None] * n
         if any(need_a):
             da = torch.mm(g.t(), d2)
-            das = [da] if n == 1 else list(da.split([b.shape[1] for b in b_s]))
+            das = [da] if n == 1 else list(da.split_with_sizes([b.shape[1] for b in b_s]))
         return dx, dd, None, None, *([None] * 2 * n), *das, *dbs, *dgains
 
 
