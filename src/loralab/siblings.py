@@ -11,10 +11,12 @@ reads the attention output), and the group watches their calls until it has seen
 them on one tensor. If the model later calls them otherwise — another input for a member,
 another order, a member skipped — the group stops for good and every layer runs on its own:
 a missed speed-up, never a wrong output. Outputs are handed over only for the same tensor at
-the same version, in the same grad and autocast mode and thread, with every member's factors
+the same version, in the same autocast mode and thread, with every member's factors
 and weight unchanged since they were computed.
 
-The group stays out of the way where its bookkeeping could not be followed: under
+Only where gradients are recorded: the gain is in the backward (one A gradient and one input
+gradient for the group), and without one the stacked product does not pay for its bookkeeping.
+The group also stays out of the way where that bookkeeping could not be followed: under
 torch.compile or tracing, for tensor subclasses, and while saved-tensor hooks are set
 (activation checkpointing must see the same saved tensors when it recomputes a forward).
 """
@@ -43,15 +45,14 @@ def _top_saved_tensor_hooks():
 
 
 def _can_group(x: torch.Tensor) -> bool:
-    if type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if not torch.is_grad_enabled() or type(x) is not torch.Tensor or torch.compiler.is_compiling():
         return False
-    return _top_saved_tensor_hooks() is None
+    return not torch.jit.is_tracing() and _top_saved_tensor_hooks() is None
 
 
 def _mode(x: torch.Tensor) -> tuple:
     """What must match between computing a sibling's output and handing it over (besides x itself)."""
-    version = None if x.is_inference() else x._version
-    return version, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type), threading.get_ident()
+    return x._version, torch.is_autocast_enabled(x.device.type), threading.get_ident()
 
 
 class SiblingGroup:
