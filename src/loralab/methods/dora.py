@@ -55,9 +55,9 @@ class DoRA(LoRA):
         """‖W + sBA‖ per output row, without forming the out×in sum."""
         a, b, s = self.lora_A.float(), self.lora_B.float(), self.scale
         w = self.layer.matrix(self.layer.weight.detach()).float()
-        cross = ((w @ a.T) * b).sum(1)
-        quad = ((b @ (a @ a.T)) * b).sum(1)
-        return (self._weight_sq_norms() + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
+        # 2s·rowsum((WAᵀ) ⊙ B) + s²·rowsum((B AAᵀ) ⊙ B) = 2s·rowsum((WAᵀ + (s/2)·B AAᵀ) ⊙ B)
+        inner = torch.addmm(torch.mm(w, a.t()), b, torch.mm(a, a.t()), alpha=s / 2).mul_(b)
+        return self._weight_sq_norms().add(inner.sum(1), alpha=2 * s).clamp_min_(0).sqrt_()
 
     def _per_row(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return v.view(-1, *([1] * (like.dim() - 2))) if self.layer.name == "conv" else v
