@@ -111,6 +111,11 @@ def test_inference_gives_the_training_output():
         with mode():
             torch.testing.assert_close(model(x.detach()), want)
     torch.testing.assert_close(model(x), want)
+    with torch.inference_mode():
+        made_there = x.detach().clone()
+    model.requires_grad_(False)  # nothing to train: an inference tensor may pass with grad mode on
+    for _ in range(2):
+        torch.testing.assert_close(model(made_there), want)
 
 
 def test_cross_attention_joins_only_the_layers_that_read_the_memory():

@@ -17,8 +17,9 @@ and weight unchanged since they were computed.
 Only where gradients are recorded: the gain is in the backward (one A gradient and one input
 gradient for the group), and without one the stacked product does not pay for its bookkeeping.
 The group also stays out of the way where that bookkeeping could not be followed: under
-torch.compile or tracing, for tensor subclasses, and while saved-tensor hooks are set
-(activation checkpointing must see the same saved tensors when it recomputes a forward).
+torch.compile or tracing, for tensor subclasses and inference tensors, and while saved-tensor
+hooks are set (activation checkpointing must see the same saved tensors when it recomputes a
+forward).
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def _top_saved_tensor_hooks():
 
 
 def _can_group(x: torch.Tensor) -> bool:
-    if not torch.is_grad_enabled() or type(x) is not torch.Tensor or torch.compiler.is_compiling():
+    if not torch.is_grad_enabled() or type(x) is not torch.Tensor or x.is_inference():
         return False
-    return not torch.jit.is_tracing() and _top_saved_tensor_hooks() is None
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and _top_saved_tensor_hooks() is None
 
 
 def _mode(x: torch.Tensor) -> tuple:
