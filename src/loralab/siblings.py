@@ -46,9 +46,9 @@ def _top_saved_tensor_hooks():
 
 
 def _can_group(x: torch.Tensor) -> bool:
-    if not torch.is_grad_enabled() or type(x) is not torch.Tensor or x.is_inference():
-        return False
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and _top_saved_tensor_hooks() is None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not torch.is_grad_enabled():
+        return False  # (compiling first: Dynamo would break its graph on the checks below)
+    return type(x) is torch.Tensor and not x.is_inference() and _top_saved_tensor_hooks() is None
 
 
 def _mode(x: torch.Tensor) -> tuple:
