@@ -81,14 +81,17 @@ class AdaptedLayer(nn.Module):
         if self.siblings is not None:
             self.siblings.clear()
 
+    @property
+    def _alone(self) -> bool:
+        """One live adapter on every row: the case a fused step may compute."""
+        return len(self._live) == 1 and not self.disabled and self.row_plan is None
+
     def fused_terms(self, x: torch.Tensor) -> LowRankTerms | None:
         """This layer as one fused step computes it (see AdapterMethod.fused_terms), or None."""
-        if len(self._live) != 1 or self.disabled or self.row_plan is not None:
-            return None
-        return self._live[0].fused_terms(x)
+        return self._live[0].fused_terms(x) if self._alone else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        alone = len(self._live) == 1 and not self.disabled and self.row_plan is None
+        alone = self._alone
         if alone and not args and not kwargs:
             if self.siblings is not None:
                 out = self.siblings.output(self, x)

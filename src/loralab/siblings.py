@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from loralab.fused_lora import LowRankTerms, lora_linear, lora_linears
+from loralab.fused_lora import lora_linear, lora_linears
 
 if TYPE_CHECKING:
     from loralab.layers import AdaptedLayer
@@ -72,7 +72,7 @@ class SiblingGroup:
         self._seen_at: tuple | None = None
         self._stash: dict[AdaptedLayer, torch.Tensor] = {}
         self._stash_at: tuple | None = None
-        self._stash_factors: tuple[torch.Tensor, ...] = ()
+        self._stash_factors: list[tuple[torch.Tensor, int]] = []  # (tensor, its version then)
 
     def __getstate__(self) -> dict:  # copies and pickles carry what was learned, nothing in flight
         state = dict(self.__dict__)
@@ -102,7 +102,7 @@ class SiblingGroup:
         if not self._stash:
             return None
         if not self._same(at, self._stash_at) or layer not in self._stash or any(
-                t._version != v for t, v in zip(self._stash_factors[::2], self._stash_factors[1::2])):
+                f._version != v for f, v in self._stash_factors):
             self._stop()
             return None
         return self._stash.pop(layer)
@@ -138,16 +138,12 @@ class SiblingGroup:
         outs = lora_linears(x, terms)
         self._stash = dict(zip(self.members[1:], outs[1:]))
         self._stash_at = at
-        self._stash_factors = tuple(v for t in terms[1:] for f in _factors(t) for v in (f, f._version))
+        self._stash_factors = [(f, f._version) for t in terms[1:] for f in (t.weight, t.a, t.b)]
         return outs[0]
 
     def _stop(self) -> None:
         self.stopped = True
         self.clear()
-
-
-def _factors(terms: LowRankTerms) -> tuple[torch.Tensor, ...]:
-    return terms.weight, terms.a, terms.b
 
 
 def _groups(model: nn.Module) -> Iterator[list[AdaptedLayer]]:
