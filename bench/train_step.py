@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=21, help="one step per contender per round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu, cuda, … (auto: the GPU when there is one)")
     ap.add_argument("--precision", default="fp32", choices=PRECISIONS,
@@ -129,7 +129,7 @@ def main() -> None:
 
     def race(anchor: str, anchor_fn, fn, ours: torch.nn.Module, theirs: torch.nn.Module):
         named = {anchor: anchor_fn, "loralab": fn(ours, ids, precision=p), "peft": fn(theirs, ids, precision=p)}
-        return interleaved(named, anchor, rounds=args.rounds, warmup=warmup_calls(args), sync=sync)
+        return interleaved(named, anchor, rounds=args.rounds, repeats=1, warmup=warmup_calls(args), sync=sync)
 
     floor = step_fn(base, ids, floor=True, precision=p)
     rows = []
@@ -149,7 +149,7 @@ def main() -> None:
               f"{f['seconds'] * 1000:.1f} ms"] for name, o, q, f in rows]
     print(f"SmolLM2-135M shape ({args.layers} layers), batch {args.batch}x{args.seq}, LoRA r=16 on 7 projections, "
           f"{describe(device, args.threads)}, {p}{', torch.compile' if args.compile else ''}, "
-          f"median of {args.rounds} interleaved rounds")
+          f"median of {args.rounds} interleaved rounds, one step each")
     print(markdown_table(["contender", "loralab / floor", "PEFT / floor", "loralab speed-up over PEFT", "floor"],
                          table))
     if args.compile:  # saved-tensor hooks do not see inside a compiled graph

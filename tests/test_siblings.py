@@ -158,14 +158,13 @@ def test_a_member_called_on_another_input_stops_the_group_and_gets_its_own_outpu
     assert_matches_reference(model, x)
 
 
-@pytest.mark.parametrize(("method", "factor"), [("lora", "lora_B"), ("dora", "magnitude")])
-def test_outputs_are_not_handed_over_after_the_factors_change(method, factor):
-    model = adapted(Attention(), method)
+def test_outputs_are_not_handed_over_after_the_factors_change():
+    model = adapted(Attention())
     x = x_in(2, 12)
     model(x)
     model.q(x)  # computes k's and v's outputs too
     with torch.no_grad():
-        getattr(model.k.adapters["default"], factor).add_(1.0)  # an optimiser step in between
+        model.k.adapters["default"].lora_B.add_(1.0)  # an optimiser step in between
     torch.testing.assert_close(model.k(x), dense(model.k, x))
     assert model.q.siblings.stopped
 

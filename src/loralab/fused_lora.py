@@ -1,6 +1,6 @@
 """Linear layers and their low-rank updates as one autograd step: y = x Wᵀ + b + s·(x Aᵀ) Bᵀ,
-or with a per-row gain g = m / n, y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b (DoRA, arXiv 2402.09353:
-m trained, n = ‖W + sBA‖_row a constant of the step that the caller's `RowGain.norms` gives).
+or with a per-row gain g, y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b (DoRA, arXiv 2402.09353, where
+g = m / ‖W + sBA‖_row is computed by the caller).
 
 LoRA's unmerged path (Hu et al., arXiv 2106.09685) written with autograd ops costs more than
 its arithmetic: the update is added out of place (a fresh output-sized tensor), and in the
@@ -17,14 +17,12 @@ one per layer, and dx sums the layers' dy W in place instead of autograd adding 
 With adapter dropout the update sees a dropped copy of x: it is passed as `dropped`, and its
 gradient is returned separately so autograd takes it back through the dropout mask (one layer
 only: each layer drops its own copy). With a gain the pre-gain output is kept for the gain's
-gradient, as the unfused DoRA keeps it. The norms are asked for after the base product: they
-read W again (W Aᵀ), and right after x Wᵀ it is still in cache (on 2 CPU cores 0.1 ms less
-per 576×1536 layer than reading it first).
+gradient, as the unfused DoRA keeps it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -40,38 +38,24 @@ class LowRankTerms(NamedTuple):
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r]
     scale: float
-    gain: RowGain | None = None
+    gain: torch.Tensor | None = None  # [out]
     dropout: nn.Module | None = None  # applied to the update's input only
 
 
-class RowGain(NamedTuple):
-    """DoRA's per-row gain m / n: the magnitude m is trained, the norms n carry no gradient."""
-
-    magnitude: torch.Tensor  # [out]
-    norms: Callable[[], torch.Tensor]  # [out]
-
-
-def _forward(x, dropped, scales, norms, weights, biases, a_s, b_s, magnitudes):
+def _forward(x, dropped, scales, weights, biases, a_s, b_s, gains):
     """(outputs, what the backward needs); the rows of x flattened to one matrix, each update added in place."""
     x2 = x.reshape(-1, x.shape[-1])
     d2 = x2 if dropped is None else dropped.reshape(-1, x.shape[-1])
     t = F.linear(d2, a_s[0] if len(a_s) == 1 else torch.cat(a_s))
-    outs, pre_gain, row_norms, gains = [], [], [], []
-    for weight, bias, b, scale, norm_of, m, t_i in zip(weights, biases, b_s, scales, norms, magnitudes,
-                                                       _per_layer(t, b_s)):
-        y = F.linear(x2, weight, bias if m is None else None)
+    outs, pre_gain = [], []
+    for weight, bias, b, scale, gain, t_i in zip(weights, biases, b_s, scales, gains, _per_layer(t, b_s)):
+        y = F.linear(x2, weight, bias if gain is None else None)
         y.addmm_(t_i, b.t(), alpha=scale)
-        pre, n, g = None, None, None
-        if m is not None:
-            with torch.no_grad():
-                n = norm_of().to(m.dtype)
-            g = (m / n).to(y.dtype)
-            pre, y = y, (y * g if bias is None else torch.addcmul(bias, y, g))
-        pre_gain.append(pre)
-        row_norms.append(n)
-        gains.append(g)
+        pre_gain.append(y if gain is not None else None)
+        if gain is not None:
+            y = y * gain if bias is None else torch.addcmul(bias, y, gain)
         outs.append(y.view(*x.shape[:-1], weight.shape[0]))
-    return outs, (d2, t, pre_gain, row_norms, gains)
+    return outs, (d2, t, pre_gain)
 
 
 def _per_layer(t: torch.Tensor, b_s: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
@@ -80,15 +64,13 @@ def _per_layer(t: torch.Tensor, b_s: Sequence[torch.Tensor]) -> Sequence[torch.T
 
 
 class _LowRankLinears(torch.autograd.Function):
-    """n layers on one input: apply(x, dropped, scales, norms, n, *weights, *biases, *As, *Bs, *magnitudes)."""
+    """n layers on one input: apply(x, dropped, scales, n, *weights, *biases, *As, *Bs, *gains)."""
 
     @staticmethod
-    def forward(ctx, x, dropped, scales, norms, n, *tensors):
-        weights, biases, a_s, b_s, magnitudes = (tensors[i * n:(i + 1) * n] for i in range(5))
-        outs, (d2, t, pre_gain, row_norms, gains) = _forward(x, dropped, scales, norms, weights, biases, a_s,
-                                                             b_s, magnitudes)
-        # A is stacked again when needed
-        ctx.save_for_backward(d2, t, *a_s, *weights, *b_s, *gains, *pre_gain, *row_norms)
+    def forward(ctx, x, dropped, scales, n, *tensors):
+        weights, biases, a_s, b_s, gains = (tensors[i * n:(i + 1) * n] for i in range(5))
+        outs, (d2, t, pre_gain) = _forward(x, dropped, scales, weights, biases, a_s, b_s, gains)
+        ctx.save_for_backward(d2, t, *a_s, *weights, *b_s, *gains, *pre_gain)  # A stacked again when needed
         ctx.scales, ctx.n, ctx.x_shape, ctx.shared_input = scales, n, x.shape, dropped is None
         return tuple(outs)
 
@@ -96,24 +78,24 @@ class _LowRankLinears(torch.autograd.Function):
     def backward(ctx, *dys):
         n, scales = ctx.n, ctx.scales
         d2, t, *rest = ctx.saved_tensors
-        a_s, weights, b_s, gains, pre_gain, row_norms = (rest[i * n:(i + 1) * n] for i in range(6))
+        a_s, weights, b_s, gains, pre_gain = (rest[i * n:(i + 1) * n] for i in range(5))
         needs = ctx.needs_input_grad
         need_x, need_dropped = needs[0], needs[1]
-        need_a, need_b, need_m = (needs[5 + i * n:5 + (i + 1) * n] for i in range(2, 5))
+        need_a, need_b, need_gain = (needs[4 + i * n:4 + (i + 1) * n] for i in range(2, 5))
         dx = None
-        gs, dbs, dms = [], [], []
-        for dy, weight, b, scale, gain, z, norm, t_i, wants_b, wants_m in zip(
-                dys, weights, b_s, scales, gains, pre_gain, row_norms, _per_layer(t, b_s), need_b, need_m):
+        gs, dbs, dgains = [], [], []
+        for dy, weight, b, scale, gain, z, t_i, wants_b, wants_gain in zip(
+                dys, weights, b_s, scales, gains, pre_gain, _per_layer(t, b_s), need_b, need_gain):
             dy2 = dy.reshape(-1, dy.shape[-1])
-            dm = None
+            dgain = None
             if gain is not None:
-                if wants_m:  # dy ⊙ z summed over rows, its buffer then reused for dy ⊙ g
+                if wants_gain:  # dy ⊙ z summed over rows, its buffer then reused for dy ⊙ g
                     product = dy2 * z
-                    dm = product.sum(0).to(norm.dtype).div_(norm)
+                    dgain = product.sum(0)
                     dy2 = torch.mul(dy2, gain, out=product)
                 else:
                     dy2 = dy2 * gain
-            dms.append(dm)
+            dgains.append(dgain)
             # s·(dy B), the gradient at the rank-r bottleneck. With beta=0 addmm's first argument only
             # lends its shape, and alpha scales inside the product (a separate scalar multiply costs more).
             gs.append(torch.addmm(t_i, dy2, b, beta=0, alpha=scale))
@@ -132,7 +114,7 @@ class _LowRankLinears(torch.autograd.Function):
         if any(need_a):
             da = torch.mm(g.t(), d2)
             das = [da] if n == 1 else list(da.split_with_sizes([b.shape[1] for b in b_s]))
-        return dx, dd, None, None, None, *([None] * 2 * n), *das, *dbs, *dms
+        return dx, dd, None, None, *([None] * 2 * n), *das, *dbs, *dgains
 
 
 def _cast_for_autocast(x: torch.Tensor, terms: Sequence[LowRankTerms]) -> tuple[torch.Tensor, list[LowRankTerms]]:
@@ -141,7 +123,8 @@ def _cast_for_autocast(x: torch.Tensor, terms: Sequence[LowRankTerms]) -> tuple[
         return x, list(terms)
     dtype = torch.get_autocast_dtype(x.device.type)
     cast = [t._replace(weight=t.weight.to(dtype), bias=None if t.bias is None else t.bias.to(dtype),
-                       a=t.a.to(dtype), b=t.b.to(dtype)) for t in terms]  # a gain is cast once formed
+                       a=t.a.to(dtype), b=t.b.to(dtype), gain=None if t.gain is None else t.gain.to(dtype))
+            for t in terms]
     return x.to(dtype), cast
 
 
@@ -155,13 +138,10 @@ def lora_linears(x: torch.Tensor, terms: Sequence[LowRankTerms],
     if dropped is not None:
         dropped = dropped.to(x.dtype)
     weights, biases, a_s, b_s, scales, gains, _ = zip(*terms)
-    magnitudes = tuple(None if g is None else g.magnitude for g in gains)
-    norms = tuple(None if g is None else g.norms for g in gains)
-    trained = (x, dropped, *a_s, *b_s, *magnitudes)
+    trained = (x, dropped, *a_s, *b_s, *gains)
     if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in trained):
-        return _LowRankLinears.apply(x, dropped, scales, norms, len(terms), *weights, *biases, *a_s, *b_s,
-                                     *magnitudes)
-    return tuple(_forward(x, dropped, scales, norms, weights, biases, a_s, b_s, magnitudes)[0])  # inference
+        return _LowRankLinears.apply(x, dropped, scales, len(terms), *weights, *biases, *a_s, *b_s, *gains)
+    return tuple(_forward(x, dropped, scales, weights, biases, a_s, b_s, gains)[0])  # inference: no node
 
 
 def lora_linear(x: torch.Tensor, terms: LowRankTerms) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loralab.fused_lora import LowRankTerms, RowGain
+from loralab.fused_lora import LowRankTerms
 from loralab.layer_kinds import LayerKind
 from loralab.methods.base import METHODS, AdapterMethod
 from loralab.methods.lora import LoRA
@@ -86,8 +86,8 @@ class DoRA(LoRA):
         """The apply_alone result with the base matmul inside the fused step (loralab.fused_lora)."""
         if (self.dropout is not None and self.training) or not self.can_fuse(x, self.lora_A, self.lora_B):
             return None  # with dropout the base also sees the dropped input: the usual path does that
-        return LowRankTerms(self.layer.matrix(), self.layer.bias, self.lora_A, self.lora_B, self.scale,
-                            gain=RowGain(self.magnitude, self.row_norms))
+        gain = self.magnitude / self.row_norms().to(self.magnitude.dtype)
+        return LowRankTerms(self.layer.matrix(), self.layer.bias, self.lora_A, self.lora_B, self.scale, gain=gain)
 
     def delta_weight(self) -> torch.Tensor:
         w = self.layer.matrix(self.layer.weight.detach())
