@@ -48,7 +48,8 @@ def adapted(model: nn.Module, method: str = "lora", dropout: float = 0.0, **spec
 
 def dense(layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
     m = layer.adapters["default"]
-    w = layer.base_layer.weight + m.scale * m.lora_B @ m.lora_A
+    b = m.lora_B * m.lora_gate if hasattr(m, "lora_gate") else m.lora_B  # SoRA (arXiv 2311.11696): B·diag(g)
+    w = layer.base_layer.weight + m.scale * b @ m.lora_A
     if hasattr(m, "magnitude"):  # DoRA, arXiv 2402.09353: the row norm a constant in the backward
         w = (m.magnitude / w.norm(dim=1).detach()).unsqueeze(1) * w
     return F.linear(x, w, layer.base_layer.bias)
@@ -158,13 +159,14 @@ def test_a_member_called_on_another_input_stops_the_group_and_gets_its_own_outpu
     assert_matches_reference(model, x)
 
 
-def test_outputs_are_not_handed_over_after_the_factors_change():
-    model = adapted(Attention())
+@pytest.mark.parametrize(("method", "changed"), [("lora", "lora_B"), ("dora", "magnitude"), ("sora", "lora_gate")])
+def test_outputs_are_not_handed_over_after_the_factors_change(method, changed):
+    model = adapted(Attention(), method)
     x = x_in(2, 12)
     model(x)
     model.q(x)  # computes k's and v's outputs too
     with torch.no_grad():
-        model.k.adapters["default"].lora_B.add_(1.0)  # an optimiser step in between
+        getattr(model.k.adapters["default"], changed).add_(1.0)  # an optimiser step in between
     torch.testing.assert_close(model.k(x), dense(model.k, x))
     assert model.q.siblings.stopped
 

@@ -86,6 +86,12 @@ class AdaptedLayer(nn.Module):
         """One live adapter on every row: the case a fused step may compute."""
         return len(self._live) == 1 and not self.disabled and self.row_plan is None
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """What the output depends on besides the input: the base layer's and the live adapters'
+        parameters and buffers (their version counters tell whether any changed in place)."""
+        modules = [self.base_layer, *self._live]
+        return [t for m in modules for t in (*m.parameters(), *m.buffers())]
+
     def fused_terms(self, x: torch.Tensor) -> LowRankTerms | None:
         """This layer as one fused step computes it (see AdapterMethod.fused_terms), or None."""
         return self._live[0].fused_terms(x) if self._alone else None

@@ -11,8 +11,9 @@ reads the attention output), and the group watches their calls until it has seen
 them on one tensor. If the model later calls them otherwise — another input for a member,
 another order, a member skipped — the group stops for good and every layer runs on its own:
 a missed speed-up, never a wrong output. Outputs are handed over only for the same tensor at
-the same version, in the same autocast mode and thread, with every member's factors
-and weight unchanged since they were computed.
+the same version, in the same autocast mode and thread, with every member's weights and
+adapter parameters unchanged since they were computed (the parameters themselves: a variant's
+factors may be formed from them afresh each call, as SoRA's gated B is).
 
 Only where gradients are recorded: the gain is in the backward (one A gradient and one input
 gradient for the group), and without one the stacked product does not pay for its bookkeeping.
@@ -138,7 +139,7 @@ class SiblingGroup:
         outs = lora_linears(x, terms)
         self._stash = dict(zip(self.members[1:], outs[1:]))
         self._stash_at = at
-        self._stash_factors = [(f, f._version) for t in terms[1:] for f in (t.weight, t.a, t.b)]
+        self._stash_factors = [(f, f._version) for m in self.members[1:] for f in m.state_tensors()]
         return outs[0]
 
     def _stop(self) -> None:
