@@ -73,11 +73,11 @@ class SiblingGroup:
         self._seen_at: tuple | None = None
         self._stash: dict[AdaptedLayer, torch.Tensor] = {}
         self._stash_at: tuple | None = None
-        self._stash_factors: list[tuple[torch.Tensor, int]] = []  # (tensor, its version then)
+        self._stash_versions: list[tuple[torch.Tensor, int]] = []  # (a state tensor of a member, its version then)
 
     def __getstate__(self) -> dict:  # copies and pickles carry what was learned, nothing in flight
         state = dict(self.__dict__)
-        for key in ("_seen", "_seen_at", "_stash", "_stash_at", "_stash_factors"):
+        for key in ("_seen", "_seen_at", "_stash", "_stash_at", "_stash_versions"):
             state.pop(key)
         return state
 
@@ -103,7 +103,7 @@ class SiblingGroup:
         if not self._stash:
             return None
         if not self._same(at, self._stash_at) or layer not in self._stash or any(
-                f._version != v for f, v in self._stash_factors):
+                f._version != v for f, v in self._stash_versions):
             self._stop()
             return None
         return self._stash.pop(layer)
@@ -139,7 +139,7 @@ class SiblingGroup:
         outs = lora_linears(x, terms)
         self._stash = dict(zip(self.members[1:], outs[1:]))
         self._stash_at = at
-        self._stash_factors = [(f, f._version) for m in self.members[1:] for f in m.state_tensors()]
+        self._stash_versions = [(f, f._version) for m in self.members[1:] for f in m.state_tensors()]
         return outs[0]
 
     def _stop(self) -> None:
