@@ -1,8 +1,9 @@
 """Training-step and unmerged-inference cost of loralab vs HF PEFT vs the frozen base model.
 
 SmolLM2-135M's shape (random weights: only the shape matters for time), LoRA r=16 on all
-seven projections of every layer. Floor = the frozen base's forward + backward (activation
-gradients only), or its forward for inference. Run: `.venv/bin/python bench/train_step.py`.
+seven projections of every layer (and DoRA the same way). Floor = the frozen base's forward +
+backward (activation gradients only), or its forward for inference (PEFT's DoRA as it runs by
+default, without its opt-in `DoraCaching`). Run: `.venv/bin/python bench/train_step.py`.
 `--ranks 1 16 64` instead times the LoRA train step at each rank, which separates what a
 LoRA layer costs whatever its rank (passes over the activations) from what grows with r.
 On a GPU: `--device cuda --precision bf16 --batch 8 --seq 512` (autocast over float32 weights,
@@ -137,8 +138,11 @@ def main() -> None:
     rows.append(["LoRA train step", train["loralab"], train["peft"], train["floor"]])
     dora = race("floor", floor, step_fn, dora_ours, dora_peft)
     rows.append(["DoRA train step", dora["loralab"], dora["peft"], dora["floor"]])
-    infer = race("base", forward_fn(base, ids, precision=p), forward_fn, lora_ours, lora_peft)
+    base_forward = forward_fn(base, ids, precision=p)
+    infer = race("base", base_forward, forward_fn, lora_ours, lora_peft)
     rows.append(["LoRA unmerged inference", infer["loralab"], infer["peft"], infer["base"]])
+    infer = race("base", base_forward, forward_fn, dora_ours, dora_peft)
+    rows.append(["DoRA unmerged inference", infer["loralab"], infer["peft"], infer["base"]])
 
     def mem(model, floor=False):
         h = model.get_input_embeddings()(ids).detach().requires_grad_(floor)

@@ -84,3 +84,43 @@ def test_an_adapter_merged_under_it_changes_the_norms_dora_uses():
     ll.merge(net, "other")
     w = base_matrix(net)  # W with the other adapter folded in
     torch.testing.assert_close(net(x), dense_forward(net, x, w + dora_delta(method, w)), atol=1e-4, rtol=1e-4)
+
+
+def _expected(net, method, x):
+    w = base_matrix(net)
+    return dense_forward(net, x, w + dora_delta(method, w))
+
+
+def test_norms_kept_without_gradients_follow_every_in_place_change():
+    """Inference keeps ‖W + sBA‖ between forwards; an in-place write to A, B or W, or another
+    scale, must still reach the output (the reference recomputes the norms densely each time)."""
+    net, method = attached(ll.AdapterSpec(**SPEC), "linear")
+    x = net.sample()
+    with torch.no_grad():
+        net(x)
+        assert method.row_norms() is method.row_norms()  # kept, not recomputed
+        for change in (lambda: method.lora_A.mul_(1.5), lambda: method.lora_B.add_(0.3),
+                       lambda: net.layer.base_layer.weight.mul_(0.7)):
+            change()
+            torch.testing.assert_close(net(x), _expected(net, method, x), atol=1e-5, rtol=1e-5)
+        method.scale = 3.0
+        w = base_matrix(net)
+        combined = w + 3.0 * method.lora_B @ method.lora_A
+        dense = method.magnitude[:, None] * combined / combined.norm(dim=1, keepdim=True)
+        torch.testing.assert_close(net(x), dense_forward(net, x, dense), atol=1e-5, rtol=1e-5)
+
+
+def test_a_forward_recording_gradients_recomputes_the_norms():
+    """A write the version counters miss (`.data`, as some optimisers do) is seen by the next
+    training forward, and inference after it no longer uses what was kept before."""
+    net, method = attached(ll.AdapterSpec(**SPEC), "linear")
+    x = net.sample()
+    with torch.inference_mode():
+        net(x)  # norms kept, made in inference mode
+    method.lora_B.data.mul_(2.0)
+    out = net(x)
+    torch.testing.assert_close(out, _expected(net, method, x), atol=1e-5, rtol=1e-5)
+    out.sum().backward()  # the norms autograd saved are not inference tensors
+    assert method.magnitude.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), _expected(net, method, x), atol=1e-5, rtol=1e-5)

@@ -5,6 +5,13 @@ LoRA's A and B. As in the paper (§4.3) the norm is treated as a constant in the
 pass. It is computed without forming the out×in matrix W + sBA: with ‖W‖² cached per row
 (W is frozen),
     ‖W + sBA‖² = ‖W‖² + 2s·rowsum((WAᵀ) ⊙ B) + s²·rowsum((B(AAᵀ)) ⊙ B).
+W Aᵀ still reads every base weight once more — as much as the base product itself when a
+forward is one token (generation) — so where no gradients are recorded (inference,
+evaluation) the norms are kept until W, A, B or s change, as told by each tensor's storage
+and in-place version counter: write parameters in place under `torch.no_grad()` or with
+`load_state_dict`, not through `.data` (which no version counter sees). A forward that records
+gradients computes them afresh and drops what was kept, since an optimiser may write the
+factors past the version counters (through `.data` or a raw pointer).
 """
 
 from __future__ import annotations
@@ -32,27 +39,39 @@ class DoRA(LoRA):
 
     def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
         super().__init__(layer, spec, shared)
-        self._w_sq: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._kept: dict[str, tuple[tuple, torch.Tensor]] = {}
         with torch.no_grad():
             self.magnitude = torch.nn.Parameter(self._weight_sq_norms().sqrt().clone())
 
     def expected_trainable_params(self) -> int:
         return super().expected_trainable_params() + self.layer.out_features
 
-    def _weight_sq_norms(self) -> torch.Tensor:
-        """‖W‖² per row, cached until the base weight changes (e.g. another adapter merges); under
-        torch.compile recomputed in the graph, as the cache's data-pointer check would break it."""
-        w = self.layer.weight
+    def _keep(self, slot: str, tensors: tuple[torch.Tensor, ...], compute, *extra) -> torch.Tensor:
+        """compute() as it was last computed from the same tensors at the same versions (and the same
+        extra values); under torch.compile computed in the graph, as the data-pointer check would break it."""
         if torch.compiler.is_compiling():
-            return self.layer.matrix(w.detach()).float().pow(2).sum(1)
-        key = (w.data_ptr(), w._version)
-        if self._w_sq is None or self._w_sq[0] != key:
-            self._w_sq = (key, self.layer.matrix(w.detach()).float().pow(2).sum(1))
-        return self._w_sq[1]
+            return compute()
+        key = (*extra, *((t.data_ptr(), t._version) for t in tensors))
+        kept = self._kept.get(slot)
+        if kept is None or kept[0] != key:
+            kept = self._kept[slot] = (key, compute())
+        return kept[1]
+
+    def _weight_sq_norms(self) -> torch.Tensor:
+        """‖W‖² per row, kept until the base weight changes (e.g. another adapter merges)."""
+        w = self.layer.weight
+        return self._keep("w_sq", (w,), lambda: self.layer.matrix(w.detach()).float().pow(2).sum(1))
+
+    def row_norms(self) -> torch.Tensor:
+        """‖W + sBA‖ per output row, a constant to autograd (kept where no gradients are recorded: see the
+        module docstring)."""
+        if torch.is_grad_enabled():
+            self._kept.pop("norms", None)
+            return self._row_norms()
+        return self._keep("norms", (self.layer.weight, self.lora_A, self.lora_B), self._row_norms, self.scale)
 
     @torch.no_grad()
-    def row_norms(self) -> torch.Tensor:
-        """‖W + sBA‖ per output row, without forming the out×in sum."""
+    def _row_norms(self) -> torch.Tensor:
         a, b, s = self.lora_A.float(), self.lora_B.float(), self.scale
         w = self.layer.matrix(self.layer.weight.detach()).float()
         # 2s·rowsum((WAᵀ) ⊙ B) + s²·rowsum((B AAᵀ) ⊙ B) = 2s·rowsum((WAᵀ + (s/2)·B AAᵀ) ⊙ B)
