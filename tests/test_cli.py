@@ -87,16 +87,69 @@ def test_unknown_method_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "did you mean: lora" in capsys.readouterr().err
 
 
+def _offline_greedy(model, tok, prompt: str, tokens: int) -> str:
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
 @pytest.mark.slow
 def test_generate_matches_offline_greedy(capsys):
     assert main(["generate", "--base", "smollm2-135m", "--prompt", "What is 3+4?", "--max-new-tokens", "8"]) == 0
     printed = capsys.readouterr().out.strip()
+    assert printed == _offline_greedy(*ll.load_base("smollm2-135m"), "What is 3+4?", 8)
+
+
+@pytest.fixture(scope="module")
+def smollm2_adapter(tmp_path_factory):
+    """A LoRA adapter on SmolLM2 that changes what it generates, and its tokens decoded unmerged."""
     model, tok = ll.load_base("smollm2-135m")
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 3+4?"}], tokenize=False,
-                                   add_generation_prompt=True)
-    enc = tok(text, return_tensors="pt", add_special_tokens=False)
-    out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert printed == tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    base_tokens = _offline_greedy(model, tok, "Name a colour.", 12)
+    ll.add_adapter(model, ll.AdapterSpec(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    tokens = _offline_greedy(model, tok, "Name a colour.", 12)
+    assert tokens != base_tokens, "the test adapter must change the output"
+    out = tmp_path_factory.mktemp("smollm2") / "adapter"
+    ll.save_adapter(model, out)
+    return out, tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unmerged", [False, True])
+def test_generate_with_an_adapter_matches_offline_greedy(smollm2_adapter, unmerged, capsys):
+    """Merged into the weights (the default) or not, the command decodes what the adapted model does."""
+    path, expected = smollm2_adapter
+    argv = ["generate", "--adapter", str(path), "--prompt", "Name a colour.", "--max-new-tokens", "12"]
+    assert main(argv + (["--unmerged"] if unmerged else [])) == 0
+    assert capsys.readouterr().out.strip() == expected
+
+
+def test_merge_for_inference_keeps_routed_and_16_bit_adapters_unmerged():
+    from torch import nn
+
+    from loralab.loading import merge_for_inference
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    for spec, dtype in [(ll.AdapterSpec(r=2, targets=["0"]), torch.bfloat16),
+                        (ll.AdapterSpec(method="loramoe", r=2, targets=["0"]), torch.float32),
+                        (ll.AdapterSpec(r=2, targets=["0"]), torch.float32)]:
+        model = nn.Sequential(nn.Linear(8, 8)).to(dtype)
+        ll.add_adapter(model, spec)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name or "experts_B" in name:
+                    p.normal_()
+        before = model(x.to(dtype))
+        merged = merge_for_inference(model, "default")
+        assert merged == (dtype == torch.float32 and spec.method == "lora")
+        assert model[0].merged == (["default"] if merged else [])
+        torch.testing.assert_close(model(x.to(dtype)), before, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -278,6 +278,9 @@ def generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the model's chat template")
+    p.add_argument("--unmerged", action="store_true",
+                   help="keep the adapter out of the weights (default: folded into float32 weights first, which "
+                        "gives the same tokens at the base model's speed)")
     add_device_args(p, dtype=True)
 
 
@@ -286,7 +289,8 @@ def generate(args: argparse.Namespace) -> int:
 
     from loralab.loading import load_with_adapter
 
-    model, tok = load_with_adapter(args.base, args.adapter, task="causal-lm", device=args.device, dtype=args.dtype)
+    model, tok = load_with_adapter(args.base, args.adapter, task="causal-lm", device=args.device, dtype=args.dtype,
+                                   merged=not args.unmerged)
     if not args.no_chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                        add_generation_prompt=True)
