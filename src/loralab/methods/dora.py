@@ -41,7 +41,7 @@ class DoRA(LoRA):
         super().__init__(layer, spec, shared)
         self._kept: dict[str, tuple[tuple, torch.Tensor]] = {}
         with torch.no_grad():
-            self.magnitude = torch.nn.Parameter(self._weight_sq_norms().sqrt().clone())
+            self.magnitude = torch.nn.Parameter(self._weight_sq_norms().sqrt().to(layer.weight.dtype, copy=True))
 
     def expected_trainable_params(self) -> int:
         return super().expected_trainable_params() + self.layer.out_features
@@ -78,6 +78,10 @@ class DoRA(LoRA):
         inner = torch.addmm(torch.mm(w, a.t()), b, torch.mm(a, a.t()), alpha=s / 2).mul_(b)
         return self._weight_sq_norms().add(inner.sum(1), alpha=2 * s).clamp_min_(0).sqrt_()
 
+    def gain(self) -> torch.Tensor:
+        """m / ‖W + sBA‖ per output row, divided in float32 and given in the magnitude's dtype."""
+        return (self.magnitude.float() / self.row_norms()).to(self.magnitude.dtype)
+
     def _per_row(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return v.view(-1, *([1] * (like.dim() - 2))) if self.layer.name == "conv" else v
 
@@ -85,7 +89,7 @@ class DoRA(LoRA):
         x = self.drop(x)
         if self.dropout is not None and self.training:
             base = self.layer.apply(x, self.layer.matrix())  # Wx on the same dropped input as BAx
-        g = self._per_row(self.magnitude / self.row_norms().to(self.magnitude.dtype), base)
+        g = self._per_row(self.gain(), base)
         return (g - 1) * base + g * self.low_rank_out(x)
 
     add_to = AdapterMethod.add_to
@@ -94,7 +98,7 @@ class DoRA(LoRA):
         """g ⊙ (Wx + b + sBAx) + (1 − g) ⊙ b in two fused kernels (addmm, addcmul) for linear layers."""
         if self.layer.name == "conv" or (self.dropout is not None and self.training):
             return super().apply_alone(x, out)
-        g = self.magnitude / self.row_norms().to(self.magnitude.dtype)
+        g = self.gain()
         h = F.linear(x, self.lora_A)
         t = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), self.lora_B.T, alpha=self.scale)
         bias = self.layer.bias
@@ -105,8 +109,8 @@ class DoRA(LoRA):
         """The apply_alone result with the base matmul inside the fused step (loralab.fused_lora)."""
         if (self.dropout is not None and self.training) or not self.can_fuse(x, self.lora_A, self.lora_B):
             return None  # with dropout the base also sees the dropped input: the usual path does that
-        gain = self.magnitude / self.row_norms().to(self.magnitude.dtype)
-        return LowRankTerms(self.layer.matrix(), self.layer.bias, self.lora_A, self.lora_B, self.scale, gain=gain)
+        return LowRankTerms(self.layer.matrix(), self.layer.bias, self.lora_A, self.lora_B, self.scale,
+                            gain=self.gain())
 
     def delta_weight(self) -> torch.Tensor:
         w = self.layer.matrix(self.layer.weight.detach())

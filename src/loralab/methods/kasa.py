@@ -31,7 +31,7 @@ class KaSA(AdapterMethod):
         super().__init__(layer, spec, shared)
         u, s, vh = weight_svd(layer)
         kw = {"dtype": layer.weight.dtype, "device": layer.weight.device}
-        self.register_buffer("minor", (u[:, -spec.r:] * s[-spec.r:]) @ vh[-spec.r:].to(**kw))
+        self.register_buffer("minor", ((u[:, -spec.r:] * s[-spec.r:]) @ vh[-spec.r:]).to(**kw))
         self.kasa_U = nn.Parameter(torch.linalg.qr(torch.randn(layer.out_features, spec.r))[0].to(**kw))
         self.kasa_V = nn.Parameter(torch.linalg.qr(torch.randn(layer.in_features, spec.r))[0].T.contiguous().to(**kw))
         self.kasa_sigma = nn.Parameter(torch.zeros(spec.r, **kw))

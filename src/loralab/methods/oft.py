@@ -18,9 +18,11 @@ from loralab.spec import AdapterSpec
 
 
 def cayley(q: torch.Tensor) -> torch.Tensor:
-    """(I + Q)(I − Q)⁻¹ for a batch of skew-symmetric matrices [..., b, b]: orthogonal."""
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
-    return torch.linalg.solve(eye - q, eye + q, left=False)
+    """(I + Q)(I − Q)⁻¹ for a batch of skew-symmetric matrices [..., b, b]: orthogonal. Solved in
+    float32 (and returned in Q's dtype): torch has no 16-bit solve, and 16 bits would lose orthogonality."""
+    q32 = q.float()
+    eye = torch.eye(q.shape[-1], dtype=q32.dtype, device=q.device).expand_as(q32)
+    return torch.linalg.solve(eye - q32, eye + q32, left=False).to(q.dtype)
 
 
 def skew_from_upper(upper: torch.Tensor, block: int) -> torch.Tensor:

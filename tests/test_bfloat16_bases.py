@@ -1,0 +1,47 @@
+"""Every method on a base layer held in bfloat16 (as `--dtype bfloat16` or `torch_dtype=` loads a
+model): the adapter is made in the weights' dtype, the output stays bfloat16 with and without
+gradients, backward reaches every trainable parameter, and the output matches the same adapter
+run in float32 (a float32 copy of the model) within bfloat16's precision."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import loralab as ll
+from loralab.methods.base import METHODS
+
+ROUTERS = {"meteora"}  # routes among other adapters by name: covered in test_meteora.py
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(64, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS.names()) - ROUTERS))
+def test_method_on_a_bfloat16_base(method):
+    torch.manual_seed(0)
+    net = Net().to(torch.bfloat16)
+    ll.add_adapter(net, ll.AdapterSpec(method=method, r=4, targets=["layer"]))
+    net.eval()  # rank-sampling methods (DyLoRA) train at a random rank; eval runs them whole
+    trained = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    with torch.no_grad():  # every trained tensor moved off its start, so the update is not zero
+        for p in trained.values():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        inferred = net(x)
+        reference = copy.deepcopy(net).float()(x.float())
+    out = net(x)
+    assert out.dtype == inferred.dtype == torch.bfloat16
+    torch.testing.assert_close(inferred, out)
+    torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)
+    out.float().square().sum().backward()
+    for name, p in trained.items():
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all(), name
