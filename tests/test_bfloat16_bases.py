@@ -1,7 +1,8 @@
 """Every method on a base layer held in bfloat16 (as `--dtype bfloat16` or `torch_dtype=` loads a
 model): the adapter is made in the weights' dtype, the output stays bfloat16 with and without
-gradients, backward reaches every trainable parameter, and the output matches the same adapter
-run in float32 (a float32 copy of the model) within bfloat16's precision."""
+gradients and in a batch whose rows mix it with the base (the serving path), backward reaches
+every trainable parameter, and the output matches the same adapter run in float32 (a float32
+copy of the model) within bfloat16's precision."""
 
 import copy
 
@@ -42,6 +43,14 @@ def test_method_on_a_bfloat16_base(method):
     assert out.dtype == inferred.dtype == torch.bfloat16
     torch.testing.assert_close(inferred, out)
     torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)
+    rows = ["default", None] * 3
+    with torch.no_grad(), ll.row_adapters(net, rows):
+        mixed = net(x)
+        with ll.disabled(net):
+            base = net(x)
+    assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed[0::2], inferred[0::2], atol=1e-2, rtol=1e-2)  # other op order: rounding
+    torch.testing.assert_close(mixed[1::2], base[1::2])
     out.float().square().sum().backward()
     for name, p in trained.items():
         assert p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all(), name
