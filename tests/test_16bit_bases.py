@@ -1,8 +1,8 @@
-"""Every method on a base layer held in bfloat16 (as `--dtype bfloat16` or `torch_dtype=` loads a
-model): the adapter is made in the weights' dtype, the output stays bfloat16 with and without
+"""Every method on a base layer held in bfloat16 or float16 (as `--dtype bfloat16` or `torch_dtype=`
+loads a model): the adapter is made in the weights' dtype, the output keeps it with and without
 gradients and in a batch whose rows mix it with the base (the serving path), backward reaches
 every trainable parameter, and the output matches the same adapter run in float32 (a float32
-copy of the model) within bfloat16's precision."""
+copy of the model) within 16-bit precision."""
 
 import copy
 
@@ -25,22 +25,23 @@ class Net(nn.Module):
         return self.layer(x)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("method", sorted(set(METHODS.names()) - ROUTERS))
-def test_method_on_a_bfloat16_base(method):
+def test_method_on_a_16_bit_base(method, dtype):
     torch.manual_seed(0)
-    net = Net().to(torch.bfloat16)
+    net = Net().to(dtype)
     ll.add_adapter(net, ll.AdapterSpec(method=method, r=4, targets=["layer"]))
     net.eval()  # rank-sampling methods (DyLoRA) train at a random rank; eval runs them whole
     trained = {n: p for n, p in net.named_parameters() if p.requires_grad}
     with torch.no_grad():  # every trained tensor moved off its start, so the update is not zero
         for p in trained.values():
             p.add_(0.1 * torch.randn_like(p))
-    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    x = torch.randn(6, 64, dtype=dtype)
     with torch.no_grad():
         inferred = net(x)
         reference = copy.deepcopy(net).float()(x.float())
     out = net(x)
-    assert out.dtype == inferred.dtype == torch.bfloat16
+    assert out.dtype == inferred.dtype == dtype
     torch.testing.assert_close(inferred, out)
     torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)
     rows = ["default", None] * 3
@@ -48,9 +49,9 @@ def test_method_on_a_bfloat16_base(method):
         mixed = net(x)
         with ll.disabled(net):
             base = net(x)
-    assert mixed.dtype == torch.bfloat16
+    assert mixed.dtype == dtype
     torch.testing.assert_close(mixed[0::2], inferred[0::2], atol=1e-2, rtol=1e-2)  # other op order: rounding
     torch.testing.assert_close(mixed[1::2], base[1::2])
     out.float().square().sum().backward()
     for name, p in trained.items():
-        assert p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all(), name
+        assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all(), name
