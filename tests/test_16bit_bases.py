@@ -55,3 +55,25 @@ def test_method_on_a_16_bit_base(method, dtype):
     out.float().square().sum().backward()
     for name, p in trained.items():
         assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", sorted(set(METHODS.names()) - ROUTERS - {"loramoe"}))
+def test_merge_on_a_16_bit_base_and_unmerge_restores_it_bit_for_bit(method, dtype):
+    """W + ΔW − ΔW in 16 bits is not W: unmerging must give back the very weights, however often."""
+    torch.manual_seed(0)
+    net = Net().to(dtype)
+    original = net.layer.weight.detach().clone()
+    ll.add_adapter(net, ll.AdapterSpec(method=method, r=4, targets=["layer"]))
+    net.eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+        x = torch.randn(6, 64, dtype=dtype)
+        unmerged = net(x)
+        for _ in range(3):
+            ll.merge(net)
+            torch.testing.assert_close(net(x), unmerged, atol=3e-2, rtol=3e-2)
+            ll.unmerge(net)
+    assert torch.equal(net.layer.base_layer.weight, original)

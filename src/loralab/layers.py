@@ -140,9 +140,12 @@ class AdaptedLayer(nn.Module):
             return
         method = self.adapters[name]
         weight = self.kind.weight
-        if not method.additive:
+        if not method.additive or weight.element_size() < 4:  # 16-bit W + ΔW − ΔW is not W
             self._backups[name] = weight.detach().clone()
-        merged = method.merged_weight(self.kind.matrix(weight.detach()).clone())
+        # in float32 at least: a non-additive method (DoRA's norms, OFT's rotation) works at full precision
+        # on a 16-bit W, and the result is rounded once, into W
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        merged = method.merged_weight(self.kind.matrix(weight.detach()).to(wide, copy=True))
         weight.copy_(self.kind.to_weight(merged))
         self.merged.append(name)
         self._refresh()

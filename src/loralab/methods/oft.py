@@ -18,11 +18,11 @@ from loralab.spec import AdapterSpec
 
 
 def cayley(q: torch.Tensor) -> torch.Tensor:
-    """(I + Q)(I − Q)⁻¹ for a batch of skew-symmetric matrices [..., b, b]: orthogonal. Solved in
-    float32 (and returned in Q's dtype): torch has no 16-bit solve, and 16 bits would lose orthogonality."""
-    q32 = q.float()
-    eye = torch.eye(q.shape[-1], dtype=q32.dtype, device=q.device).expand_as(q32)
-    return torch.linalg.solve(eye - q32, eye + q32, left=False).to(q.dtype)
+    """(I + Q)(I − Q)⁻¹ for a batch of skew-symmetric matrices [..., b, b]: orthogonal. Solved and
+    returned in float32 at least: torch has no 16-bit solve, and 16 bits would lose orthogonality."""
+    wide = q.to(torch.promote_types(q.dtype, torch.float32))
+    eye = torch.eye(q.shape[-1], dtype=wide.dtype, device=q.device).expand_as(wide)
+    return torch.linalg.solve(eye - wide, eye + wide, left=False)
 
 
 def skew_from_upper(upper: torch.Tensor, block: int) -> torch.Tensor:
@@ -39,10 +39,11 @@ def cayley_from_upper(upper: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def rotate_blocks(x: torch.Tensor, rotations: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """R x (or Rᵀ x) for x [..., n·b] and R = blockdiag(rotations [n, b, b]): block k of x times R_k."""
+    """R x (or Rᵀ x) for x [..., n·b] and R = blockdiag(rotations [n, b, b]): block k of x times R_k,
+    in x's dtype."""
     blocks = x.reshape(*x.shape[:-1], *rotations.shape[:2])
     pattern = "...kj,kji->...ki" if transpose else "...kj,kij->...ki"
-    return torch.einsum(pattern, blocks, rotations).reshape(x.shape)
+    return torch.einsum(pattern, blocks, rotations.to(x.dtype)).reshape(x.shape)
 
 
 @METHODS.register("oft")
