@@ -170,3 +170,15 @@ def test_chat_training_on_smollm2_and_peft_reads_it(tmp_path):
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
         base_logits = ll.load_base("smollm2-135m")[0](ids).logits
     assert not torch.allclose(ours(ids).logits, base_logits, atol=1e-3)
+
+
+def test_train_with_gradient_checkpointing(tmp_path, monkeypatch):
+    import loralab.train.trainer as trainer_module
+
+    enabled = []
+    real = trainer_module.enable_gradient_checkpointing
+    monkeypatch.setattr(trainer_module, "enable_gradient_checkpointing", lambda m: (enabled.append(m), real(m)))
+    code = main(["train", "--base", "minilm-l6", "--task", "sst2", "--max-train", "16", "--max-test", "16",
+                 "--steps", "2", "--batch-size", "8", "--r", "2", "--targets", "query", "--out", str(tmp_path),
+                 "--no-progress", "--gradient-checkpointing"])
+    assert code == 0 and len(enabled) == 1 and enabled[0].is_gradient_checkpointing

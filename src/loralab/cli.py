@@ -123,6 +123,9 @@ def train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the training step: a one-off compile (about 50 s for SmolLM2-135M on 2 "
                         "CPU cores); whether the steps then run faster depends on the machine (see the README)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="keep only each transformer block's input for the backward and recompute the rest there: "
+                        "far less activation memory for one more forward of every block (transformers models)")
     add_device_args(p, precision=True)
 
 
@@ -136,7 +139,8 @@ def train(args: argparse.Namespace) -> int:
                          rank_schedule=args.rank_schedule, rank_options=_parse_options(args.rank_option),
                          max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
                          save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
-                         precision=args.precision, compile=args.compile)
+                         precision=args.precision, compile=args.compile,
+                         gradient_checkpointing=args.gradient_checkpointing)
     result = finetune(args.base, spec_from_args(args), data_from_args(args), config, args.out, resume=args.resume,
                       calibration_batches=args.calibration_batches, device=args.device)
     print(result["params"])

@@ -71,6 +71,7 @@ class TrainConfig:
     progress: bool = True
     precision: str = "fp32"  # or "bf16" / "fp16": mixed precision (autocast); fp16 adds loss scaling
     compile: bool = False  # torch.compile the training forward and backward (evaluation stays eager)
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward (transformers models)
 
     def validate(self) -> None:
         checks = [(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
@@ -132,6 +133,16 @@ def auxiliary_losses(model: nn.Module) -> torch.Tensor | float:
     return total
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Keep only each transformer block's input for the backward and recompute the rest there: far
+    less activation memory for one more forward of every block (transformers' gradient checkpointing,
+    non-reentrant, so no input needs requires_grad and the adapters' steps are recomputed exactly)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient checkpointing needs a transformers model whose class supports it; "
+                         f"{type(model).__name__} does not")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class Trainer:
     """Train `model`'s trainable parameters on a list of tokenised examples."""
 
@@ -148,6 +159,8 @@ class Trainer:
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameters: add an adapter (loralab.add_adapter) "
                              "or unfreeze something first")
+        if self.config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.model = model
         self.train_data = list(train_data)
         self.eval_data = list(eval_data) if eval_data else None
