@@ -49,6 +49,8 @@ CASES = {
     "gpt2-conv1d": (gpt2, dict(r=4, alpha=8, targets=["c_attn", "c_fc"])),
     "bert-head": (bert_cls, dict(r=4, alpha=8, targets=["query", "value"], modules_to_save=["classifier"],
                                  bias="lora_only")),
+    "layers": (llama, dict(r=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"], layers=[1])),
+    "layers-pattern": (gpt2, dict(r=4, alpha=8, targets=["c_attn", "c_fc"], layers=0, layers_pattern="h")),
 }
 
 
@@ -81,7 +83,8 @@ def test_loralab_saved_adapter_loads_in_peft(case, tmp_path):
 def peft_config(kwargs):
     return LoraConfig(r=kwargs["r"], lora_alpha=kwargs["alpha"], target_modules=kwargs["targets"],
                       use_dora=kwargs.get("method") == "dora", use_rslora=kwargs.get("rslora", False),
-                      modules_to_save=kwargs.get("modules_to_save"), bias=kwargs.get("bias", "none"))
+                      modules_to_save=kwargs.get("modules_to_save"), bias=kwargs.get("bias", "none"),
+                      layers_to_transform=kwargs.get("layers"), layers_pattern=kwargs.get("layers_pattern"))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -95,6 +98,9 @@ def test_peft_saved_adapter_loads_in_loralab(case, tmp_path):
     model = make()
     ll.load_adapter(model, tmp_path)
     torch.testing.assert_close(logits(model), want, atol=1e-5, rtol=1e-4)
+    adapted = {path for path, _ in ll.model.adapted_layers(model)}
+    assert adapted == {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                       if hasattr(m, "lora_A") and not hasattr(m, "base_model")}  # the very modules PEFT adapted
 
 
 def test_saved_config_has_peft_fields(tmp_path):

@@ -182,3 +182,19 @@ def test_train_with_gradient_checkpointing(tmp_path, monkeypatch):
                  "--steps", "2", "--batch-size", "8", "--r", "2", "--targets", "query", "--out", str(tmp_path),
                  "--no-progress", "--gradient-checkpointing"])
     assert code == 0 and len(enabled) == 1 and enabled[0].is_gradient_checkpointing
+
+
+def test_train_on_chosen_blocks_only(tmp_path):
+    code = main(["train", "--base", "minilm-l6", "--task", "sst2", "--max-train", "16", "--max-test", "16",
+                 "--steps", "1", "--batch-size", "8", "--r", "2", "--targets", "query", "--layers", "0,4-5",
+                 "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    saved = ll.read_config(tmp_path / "adapter")["target_modules"]
+    assert saved == [f"bert.encoder.layer.{i}.attention.self.query" for i in (0, 4, 5)]
+
+
+@pytest.mark.parametrize("text", ["5-3", "a", "1,,x", ","])
+def test_bad_block_indices_are_refused(text, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--out", "x", "--layers", text])
+    assert "--layers" in capsys.readouterr().err

@@ -60,6 +60,39 @@ def test_all_linear_skips_output_head():
     assert adapted == {f"blocks.{i}.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
 
 
+def adapted_paths(model: nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, AdaptedLayer)}
+
+
+def test_layers_pick_numbered_blocks_as_peft_layers_to_transform_does():
+    model = ll.add_adapter(Tiny(), ll.AdapterSpec(targets=["q_proj", "v_proj"], layers=[1]))
+    assert adapted_paths(model) == {"blocks.1.q_proj", "blocks.1.v_proj"}
+    model = ll.add_adapter(Tiny(), ll.AdapterSpec(targets="all-linear", layers=0, layers_pattern="blocks"))
+    assert adapted_paths(model) == {"blocks.0.q_proj", "blocks.0.v_proj"}  # the head sits in no block
+    model = ll.add_adapter(Tiny(), ll.AdapterSpec(targets=["v_proj", "blocks.1.q_proj"], layers=[0]))
+    assert adapted_paths(model) == {"blocks.0.v_proj", "blocks.1.q_proj"}  # named in full: kept
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(targets=["q_proj"], layers=[0, 5]), r"layers \[5\] hold no targeted module \(blocks found: \[0, 1\]\)"),
+    (dict(targets=["q_proj"], layers=[0], layers_pattern="layers"), r"layers \[0\] hold no targeted module"),
+])
+def test_layers_that_hold_no_target_are_named(spec, message):
+    with pytest.raises(ValueError, match=message):
+        ll.add_adapter(Tiny(), ll.AdapterSpec(**spec))
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(targets=r".*q_proj", layers=[0]), "put the block indices into the regex"),
+    (dict(layers_pattern="blocks"), "layers is not set"),
+    (dict(layers=[-1]), "integers >= 0"),
+    (dict(layers=[]), "non-empty list"),
+])
+def test_invalid_layers_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        ll.AdapterSpec(**spec)
+
+
 def test_unknown_target_lists_close_matches():
     with pytest.raises(ValueError, match="q_proj"):
         ll.add_adapter(Tiny(), ll.AdapterSpec(targets=["q_prj"]))

@@ -218,10 +218,13 @@ def spec_from_config(config: dict[str, Any], per_layer: bool = False) -> Adapter
         if config.get(field) and not per_layer:
             raise ValueError(f"adapter_config.json sets {field} (per-layer ranks or scales), which this reader does "
                              "not handle; loralab.load_adapter does")
-    if config.get("layers_to_transform") is not None:
-        raise ValueError("adapter_config.json sets layers_to_transform, which loralab does not read yet")
-    shared = dict(targets=config["target_modules"], exclude=config.get("exclude_modules"),
-                  bias=config.get("bias") or "none", modules_to_save=list(config.get("modules_to_save") or []))
+    targets = config["target_modules"]
+    layers = config.get("layers_to_transform")
+    if isinstance(targets, str) or layers in (None, []):  # PEFT ignores the layers for a regex, and an empty list
+        layers = None
+    shared = dict(targets=targets, exclude=config.get("exclude_modules"), bias=config.get("bias") or "none",
+                  modules_to_save=list(config.get("modules_to_save") or []), layers=layers,
+                  layers_pattern=(config.get("layers_pattern") or None) if layers is not None else None)
     if peft_type in formats:
         return AdapterSpec(**{**shared, **formats[peft_type].spec_from_peft(config)})
     extra = config.get("loralab") or {}

@@ -30,6 +30,10 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter path")
     g.add_argument("--targets", default="all-linear",
                    help="comma-separated module-name suffixes (q_proj,v_proj), a regex, or all-linear")
+    g.add_argument("--layers", type=_block_indices, metavar="0,2,20-29",
+                   help="only targets in these numbered blocks (PEFT's layers_to_transform)")
+    g.add_argument("--layers-pattern", help="the name before the block index, e.g. layers or h (default: the first "
+                                            "number in the module name)")
     g.add_argument("--init", default="gaussian", help="initialiser (see `loralab methods`)")
     g.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rsLoRA)")
     g.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method option; repeatable")
@@ -37,6 +41,19 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
                    help="an initialiser option, e.g. rho=2 for eva; repeatable")
     g.add_argument("--calibration-batches", type=int, default=8,
                    help="training batches that data-driven inits (lora-ga, eva, corda) look at")
+
+
+def _block_indices(text: str) -> list[int]:
+    """"0,2,20-29" → [0, 2, 20, …, 29]."""
+    indices: list[int] = []
+    for part in filter(None, (t.strip() for t in text.split(","))):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()) or (last and int(last) < int(first)):
+            raise argparse.ArgumentTypeError(f"{part!r} is not a block index or a range like 20-29")
+        indices.extend(range(int(first), int(last or first) + 1))
+    if not indices:
+        raise argparse.ArgumentTypeError("give block indices, e.g. 0,2,20-29")
+    return indices
 
 
 def spec_from_args(args: argparse.Namespace, modules_to_save: list[str] | None = None):
@@ -49,6 +66,7 @@ def spec_from_args(args: argparse.Namespace, modules_to_save: list[str] | None =
         targets = [targets]
     return AdapterSpec(method=args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=targets,
                        init=args.init, rslora=args.rslora, modules_to_save=modules_to_save or [],
+                       layers=args.layers, layers_pattern=args.layers_pattern,
                        options=_parse_options(args.option), init_options=_parse_options(args.init_option))
 
 

@@ -100,7 +100,8 @@ def add_adapter(
     method_cls = METHODS.get(spec.method)
     init = INITS.get(spec.init)
 
-    paths = resolve_targets(model, spec.targets, spec.exclude, skip=spec.modules_to_save)
+    paths = resolve_targets(model, spec.targets, spec.exclude, skip=spec.modules_to_save, layers=spec.layers,
+                            layers_pattern=spec.layers_pattern)
     kinds = []
     for path in paths:
         current = model.get_submodule(path)

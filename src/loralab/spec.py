@@ -23,6 +23,10 @@ class AdapterSpec:
     bias:    "none", "all" (train every bias of the model) or "lora_only" (biases of adapted layers).
     modules_to_save: module-name suffixes trained in full and saved with the adapter (e.g. "classifier").
     exclude: module-name suffixes or a regex never adapted, even when targets match them.
+    layers:  only modules in these numbered blocks (PEFT's layers_to_transform), with suffix targets
+             or "all-linear"; a module named in full in targets is kept whatever its block.
+    layers_pattern: the name before the block index ("layers", "h"; PEFT's layers_pattern); None:
+             the first numbered part of the module name.
     rslora:  rank-stabilised scaling alpha / sqrt(r) (arXiv 2312.03732).
     options: method-specific settings; a method refuses options it does not take.
     """
@@ -38,11 +42,15 @@ class AdapterSpec:
     exclude: str | list[str] | None = None
     rslora: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    layers: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
     init_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
+        if isinstance(self.layers, tuple):
+            self.layers = list(self.layers)
         self.modules_to_save = list(self.modules_to_save or [])
         self.options = dict(self.options or {})
         self.init_options = dict(self.init_options or {})
@@ -61,6 +69,21 @@ class AdapterSpec:
             raise ValueError("targets is empty: give module-name suffixes, a regex, or 'all-linear'")
         if isinstance(self.targets, list) and not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"targets must be non-empty strings, got {self.targets!r}")
+        self._validate_layers()
+
+    def _validate_layers(self) -> None:
+        if self.layers is None:
+            if self.layers_pattern is not None:
+                raise ValueError("layers_pattern says where to read the block index of `layers`, but layers is not set")
+            return
+        indices = [self.layers] if isinstance(self.layers, int) else self.layers
+        if not isinstance(indices, list) or not indices or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+            raise ValueError(f"layers must be a block index or a non-empty list of them (integers >= 0), "
+                             f"got {self.layers!r}")
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            raise ValueError("layers works with suffix targets or 'all-linear' (as PEFT's layers_to_transform, "
+                             "which a regex ignores); put the block indices into the regex instead")
 
     @property
     def scale(self) -> float:

@@ -48,13 +48,44 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return head.base_layer if hasattr(head, "base_layer") else head
 
 
+def block_index(name: str, pattern: str | list[str] | None = None) -> int | None:
+    """The block a module sits in, as PEFT reads it for layers_to_transform: the number after
+    `pattern` ("layers.3."), or else the first number between dots (PEFT's rule wants a name before
+    the container, as in "model.layers.3."; a top-level "blocks.3." counts here too); None if none."""
+    if not pattern:
+        found = re.match(r"(?:^|.*?\.)[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        found = None
+        for p in [pattern] if isinstance(pattern, str) else pattern:
+            found = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+            if found is not None:
+                break
+    return int(found["idx"]) if found else None
+
+
+def _in_layers(chosen: list[str], targets: str | list[str], layers: int | list[int],
+               pattern: str | list[str] | None) -> list[str]:
+    wanted = {layers} if isinstance(layers, int) else set(layers)
+    named = set(targets) if isinstance(targets, list) else set()
+    blocks = {n: block_index(n, pattern) for n in chosen}
+    missing = sorted(wanted - set(blocks.values()))
+    if missing:
+        found = sorted({b for b in blocks.values() if b is not None})
+        raise ValueError(f"layers {missing} hold no targeted module (blocks found"
+                         f"{f' under {pattern!r}' if pattern else ''}: {found or 'none'})")
+    return [n for n in chosen if n in named or blocks[n] in wanted]
+
+
 def resolve_targets(
     model: nn.Module,
     targets: str | list[str],
     exclude: str | list[str] | None = None,
     skip: list[str] | tuple[str, ...] = (),
+    layers: int | list[int] | None = None,
+    layers_pattern: str | list[str] | None = None,
 ) -> list[str]:
-    """The names of the modules to adapt, in model order; clear errors when nothing fits."""
+    """The names of the modules to adapt, in model order (in `layers` only, if given: see AdapterSpec);
+    clear errors when nothing fits."""
     modules = list(candidate_modules(model))
     excluded = [n for n, _ in modules if exclude and matches(n, exclude)]
     excluded += [n for n, _ in modules if any(suffix_match(n, s) for s in skip)]
@@ -64,6 +95,8 @@ def resolve_targets(
     else:
         chosen = [n for n, _ in modules if matches(n, targets)]
         _check_each_target_used(modules, targets, chosen)
+    if layers is not None:
+        chosen = _in_layers(chosen, targets, layers, layers_pattern)
     chosen = [n for n in chosen if n not in excluded]
     by_name = dict(modules)
     wrong = [f"{n} ({type(by_name[n]).__name__})" for n in chosen if kind_of(by_name[n]) is None]
