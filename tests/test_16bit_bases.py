@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import loralab as ll
 from loralab.methods.base import METHODS
@@ -55,6 +56,32 @@ def test_method_on_a_16_bit_base(method, dtype):
     out.float().square().sum().backward()
     for name, p in trained.items():
         assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all(), name
+
+
+OTHER_KINDS = {"hf-conv1d": (lambda: Conv1D(48, 64), lambda: torch.randn(3, 5, 64)),
+               "conv": (lambda: nn.Conv2d(8, 16, 3, padding=1), lambda: torch.randn(2, 8, 6, 6)),
+               "embedding": (lambda: nn.Embedding(50, 32), lambda: torch.randint(0, 50, (3, 4)))}
+
+
+@pytest.mark.parametrize("kind, method", [(k, m) for k in OTHER_KINDS for m in sorted(set(METHODS.names()) - ROUTERS)
+                                          if k in METHODS.get(m).layer_kinds])
+def test_method_on_other_bfloat16_layer_kinds(kind, method):
+    make_layer, make_input = OTHER_KINDS[kind]
+    torch.manual_seed(0)
+    net = nn.Sequential(make_layer()).to(torch.bfloat16)
+    ll.add_adapter(net, ll.AdapterSpec(method=method, r=4, targets=["0"]))
+    net.eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    x = make_input()
+    with torch.no_grad():
+        reference = copy.deepcopy(net).float()(x.float() if x.is_floating_point() else x)
+    out = net(x.to(torch.bfloat16) if x.is_floating_point() else x)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - reference).abs().max() <= 3e-2 * reference.abs().max()  # bf16 error grows with fan-in
+    out.float().square().sum().backward()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
