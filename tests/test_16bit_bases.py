@@ -104,3 +104,60 @@ def test_merge_on_a_16_bit_base_and_unmerge_restores_it_bit_for_bit(method, dtyp
             torch.testing.assert_close(net(x), unmerged, atol=3e-2, rtol=3e-2)
             ll.unmerge(net)
     assert torch.equal(net.layer.base_layer.weight, original)
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS.names()) - ROUTERS))
+def test_float32_adapter_on_a_bfloat16_base_under_autocast(method):
+    """add_adapter(dtype=float32) over bf16 weights (stable optimiser updates): under autocast the
+    layer gives bf16 like its base, the gradients are float32, and the output is the float32 copy's."""
+    torch.manual_seed(0)
+    net = Net().to(torch.bfloat16)
+    ll.add_adapter(net, ll.AdapterSpec(method=method, r=4, targets=["layer"]), dtype=torch.float32)
+    net.eval()
+    trained = [p for p in net.parameters() if p.requires_grad]
+    assert {p.dtype for p in trained} == {torch.float32}
+    with torch.no_grad():
+        for p in trained:
+            p.add_(0.1 * torch.randn_like(p))
+        x = torch.randn(6, 64, dtype=torch.bfloat16)
+        reference = copy.deepcopy(net).float()(x.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
+
+
+def _tiny_llama_bf16():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def test_trainer_trains_a_float32_adapter_over_a_bfloat16_base_with_autocast(tmp_path):
+    from loralab.train.trainer import TrainConfig, Trainer
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": (ids := torch.randint(1, 64, (12,), generator=g).tolist()), "labels": ids}
+            for _ in range(4)]  # four sequences to learn by heart
+    model = _tiny_llama_bf16()
+    ll.add_adapter(model, ll.AdapterSpec(r=4, alpha=32, targets="all-linear"), dtype=torch.float32)
+    settings = dict(task_kind="causal-lm", lr=2e-2, batch_size=4, max_steps=40, progress=False, log_every=1,
+                    schedule="constant")
+    with pytest.raises(ValueError, match="keeps torch.float32 tensors over torch.bfloat16 base weights.*precision"):
+        Trainer(model, data, None, TrainConfig(**settings))
+    trainer = Trainer(model, data, None, TrainConfig(precision="bf16", **settings))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.history]
+    assert losses[-1] < losses[0] - 0.1  # (ln 64 = 4.16 at the start)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    ll.save_adapter(model, tmp_path)
+    again = ll.load_adapter(_tiny_llama_bf16(), tmp_path, dtype=torch.float32)
+    ids = torch.randint(1, 64, (2, 8), generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
+    assert {p.dtype for p in again.parameters() if p.requires_grad} == {torch.float32}

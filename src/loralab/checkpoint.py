@@ -246,12 +246,13 @@ def _peft_formats() -> dict[str, type]:
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
-                 activate: bool = True) -> nn.Module:
-    """Attach the adapter saved in `path` (by loralab or by PEFT) under `name`; returns the model."""
+                 activate: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
+    """Attach the adapter saved in `path` (by loralab or by PEFT) under `name`; returns the model.
+    `dtype`: its tensors' dtype (default: the base weights'; see `add_adapter`)."""
     config = read_config(path)
     spec = spec_from_config(config, per_layer=True)
     tensors = read_tensors(path)
-    add_adapter(model, spec, name, activate=activate)
+    add_adapter(model, spec, name, activate=activate, dtype=dtype)
     try:
         if config.get("peft_type") not in _peft_formats():  # per-layer ranks are LoRA's
             apply_patterns(methods_of(model, name), config, spec.rslora)

@@ -110,15 +110,18 @@ class AdaptedLayer(nn.Module):
         if self.disabled:
             return out
         if self.row_plan is not None:
-            return self._forward_rows(x, out, self.row_plan)
-        if not self._live:
+            changed = self._forward_rows(x, out, self.row_plan)
+        elif not self._live:
             return out
-        if alone:
-            return self._live[0].apply_alone(x, out)
-        base = self.kind.without_bias(out) if self._needs_base else None
-        for method in self._live:
-            out = method.add_to(out, x, base)
-        return out
+        elif alone:
+            changed = self._live[0].apply_alone(x, out)
+        else:
+            base = self.kind.without_bias(out) if self._needs_base else None
+            changed = out
+            for method in self._live:
+                changed = method.add_to(changed, x, base)
+        # the base layer's dtype, also where an adapter's float32 tensors meet autocast's 16-bit products
+        return changed if changed.dtype == out.dtype else changed.to(out.dtype)
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor, plan: RowPlan) -> torch.Tensor:
         if self.merged:

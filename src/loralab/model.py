@@ -83,10 +83,14 @@ def add_adapter(
     calibration_batches: int = 8,
     activate: bool = True,
     loss_fn: Any = None,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Attach a new adapter in place and return the model; the base weights are frozen.
 
     With `activate` (the default) the new adapter becomes the active one and trains.
+    `dtype`: the adapter's tensors (its layers' and its modules_to_save copies) in this dtype
+    (default: the base weights'), e.g. float32 over a bfloat16 base so that optimiser updates are
+    not rounded away; the products then run under autocast (`TrainConfig(precision="bf16")`).
 
     `calibration` (batches of model inputs, dicts) feeds data-driven initialisers such as LoRA-GA or EVA;
     `loss_fn(model, batch)` gives LoRA-GA its loss (default: `model(**batch).loss`).
@@ -132,6 +136,11 @@ def add_adapter(
     state.specs[name] = spec
     link_siblings(model)
     init(model, new, InitContext(calibration, calibration_batches, loss_fn, spec.init_options))
+    if dtype is not None:
+        for _, method in new:
+            method.to(dtype)
+        for path in _resolve_saved(model, spec.modules_to_save):
+            model.get_submodule(path).copies[name].to(dtype)
     set_active(model, name if activate else state.active)
     return model
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from loralab.devices import PRECISIONS, autocast, grad_scaler
 from loralab.methods.base import AdapterMethod
+from loralab.model import adapted_layers
 from loralab.train.data import collate
 from loralab.train.optim import get_optimizer
 
@@ -133,6 +134,19 @@ def auxiliary_losses(model: nn.Module) -> torch.Tensor | float:
     return total
 
 
+def _check_adapter_dtypes(model: nn.Module, precision: str) -> None:
+    """Adapter tensors in another dtype than their base weights (add_adapter(dtype=...)) need autocast."""
+    if precision != "fp32":
+        return
+    for path, layer in adapted_layers(model):
+        for name, method in layer.adapters.items():
+            kept = {p.dtype for p in method.parameters() if p.requires_grad} - {layer.kind.weight.dtype}
+            if kept:
+                raise ValueError(f"adapter {name!r} at {path} keeps {kept.pop()} tensors over "
+                                 f"{layer.kind.weight.dtype} base weights: train with precision='bf16' or 'fp16' "
+                                 "(--precision), which runs the products under autocast")
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Keep only each transformer block's input for the backward and recompute the rest there: far
     less activation memory for one more forward of every block (transformers' gradient checkpointing,
@@ -159,6 +173,7 @@ class Trainer:
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameters: add an adapter (loralab.add_adapter) "
                              "or unfreeze something first")
+        _check_adapter_dtypes(model, self.config.precision)
         if self.config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.model = model
