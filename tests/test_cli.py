@@ -198,3 +198,15 @@ def test_bad_block_indices_are_refused(text, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--out", "x", "--layers", text])
     assert "--layers" in capsys.readouterr().err
+
+
+def test_train_over_bfloat16_weights_keeps_a_float32_adapter(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    argv = ["train", "--base", "minilm-l6", "--task", "sst2", "--max-train", "16", "--max-test", "16", "--steps",
+            "2", "--batch-size", "8", "--r", "2", "--targets", "query", "--no-progress", "--dtype", "bfloat16"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 2  # without autocast: refused, by name
+    assert "precision='bf16'" in capsys.readouterr().err
+    assert main(argv + ["--out", str(tmp_path / "b"), "--precision", "bf16"]) == 0
+    saved = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}  # LoRA factors and the trained head

@@ -144,7 +144,7 @@ def train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="keep only each transformer block's input for the backward and recompute the rest there: "
                         "far less activation memory for one more forward of every block (transformers models)")
-    add_device_args(p, precision=True)
+    add_device_args(p, precision=True, dtype=True)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -160,7 +160,7 @@ def train(args: argparse.Namespace) -> int:
                          precision=args.precision, compile=args.compile,
                          gradient_checkpointing=args.gradient_checkpointing)
     result = finetune(args.base, spec_from_args(args), data_from_args(args), config, args.out, resume=args.resume,
-                      calibration_batches=args.calibration_batches, device=args.device)
+                      calibration_batches=args.calibration_batches, device=args.device, dtype=args.dtype)
     print(result["params"])
     if "before" in result:
         _print_metrics("before", result["before"])

@@ -16,7 +16,7 @@ from loralab.inits.base import INITS
 from loralab.model import add_adapter, trainable_parameters
 from loralab.spec import AdapterSpec
 from loralab.train.data import collate, make_examples
-from loralab.train.trainer import TrainConfig, Trainer, compute_loss, evaluate
+from loralab.train.trainer import TrainConfig, Trainer, check_adapter_dtypes, compute_loss, evaluate
 from loralab.zoo.datasets import Task, classification_rows, instruction_rows, load_task
 
 HEADS = ("classifier", "score")
@@ -57,12 +57,13 @@ def load_data(spec: DataSpec) -> Task:
     return Task(name, spec.kind, train[: spec.max_train], test[: spec.max_test], labels, f"user data {name}")
 
 
-def load_model_for(base: str, task: Task, device: str | torch.device = "auto") -> tuple[nn.Module, Any]:
+def load_model_for(base: str, task: Task, device: str | torch.device = "auto",
+                   dtype: str | torch.dtype | None = None) -> tuple[nn.Module, Any]:
     from loralab.zoo.models import load_base
 
     if task.kind == "classification":
-        return load_base(base, task="classification", num_labels=len(task.labels), device=device)
-    return load_base(base, task="causal-lm", device=device)
+        return load_base(base, task="classification", num_labels=len(task.labels), device=device, dtype=dtype)
+    return load_base(base, task="causal-lm", device=device, dtype=dtype)
 
 
 def with_head(spec: AdapterSpec, model: nn.Module, task: Task) -> AdapterSpec:
@@ -85,12 +86,14 @@ def _loss(model: nn.Module, batch: dict, kind: str):
 
 def finetune(base: str, spec: AdapterSpec, data: DataSpec, config: TrainConfig, out_dir: str | os.PathLike,
              resume: bool = False, evaluate_before: bool = True, calibration_batches: int = 8,
-             device: str | torch.device = "auto") -> dict[str, Any]:
+             device: str | torch.device = "auto", dtype: str | torch.dtype | None = None) -> dict[str, Any]:
     """Train an adapter on `device` ("auto": the GPU when there is one) and save it in out_dir/adapter;
-    returns metrics before and after."""
+    returns metrics before and after. `dtype`: the base weights' (e.g. "bfloat16", half the memory);
+    over 16-bit weights the adapter is kept in float32 and trains under autocast (config.precision)."""
     torch.manual_seed(config.seed)  # the fresh classifier head, dropout, random inits
     task = load_data(data)
-    model, tokenizer = load_model_for(base, task, device)
+    model, tokenizer = load_model_for(base, task, device, dtype)
+    sixteen_bit = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
     spec = with_head(spec, model, task)
     train = make_examples(task.kind, task.train, tokenizer, data.max_length)
     test = make_examples(task.kind, task.test, tokenizer, data.max_length) if task.test else None
@@ -104,7 +107,9 @@ def finetune(base: str, spec: AdapterSpec, data: DataSpec, config: TrainConfig, 
         calibration = [pad(train[i:i + size]) for i in range(0, min(len(train), size * calibration_batches), size)]
         loss_fn = partial(_loss, kind=task.kind)
     # first, so a bad spec fails before any work; at init the output is the base's
-    add_adapter(model, spec, calibration=calibration, calibration_batches=calibration_batches, loss_fn=loss_fn)
+    add_adapter(model, spec, calibration=calibration, calibration_batches=calibration_batches, loss_fn=loss_fn,
+                dtype=torch.float32 if sixteen_bit else None)
+    check_adapter_dtypes(model, config.precision)  # before the first evaluation runs into the mix
     result["params"] = trainable_parameters(model)
     if test and evaluate_before:
         result["before"] = score(model, tokenizer, task, test, config.eval_batch_size, config.precision)

@@ -134,7 +134,7 @@ def auxiliary_losses(model: nn.Module) -> torch.Tensor | float:
     return total
 
 
-def _check_adapter_dtypes(model: nn.Module, precision: str) -> None:
+def check_adapter_dtypes(model: nn.Module, precision: str) -> None:
     """Adapter tensors in another dtype than their base weights (add_adapter(dtype=...)) need autocast."""
     if precision != "fp32":
         return
@@ -173,7 +173,7 @@ class Trainer:
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameters: add an adapter (loralab.add_adapter) "
                              "or unfreeze something first")
-        _check_adapter_dtypes(model, self.config.precision)
+        check_adapter_dtypes(model, self.config.precision)
         if self.config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.model = model
