@@ -26,17 +26,24 @@ class Net(nn.Module):
         return self.layer(x)
 
 
+def adapted(net: nn.Module, method: str, target: str = "layer", dtype: torch.dtype | None = None) -> list:
+    """The adapter attached and in eval mode (rank-sampling methods such as DyLoRA train at a random
+    rank; eval runs them whole), every trained tensor moved off its start so the update is not zero."""
+    ll.add_adapter(net, ll.AdapterSpec(method=method, r=4, targets=[target]), dtype=dtype)
+    net.eval()
+    trained = [p for p in net.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in trained:
+            p.add_(0.1 * torch.randn_like(p))
+    return trained
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("method", sorted(set(METHODS.names()) - ROUTERS))
 def test_method_on_a_16_bit_base(method, dtype):
     torch.manual_seed(0)
     net = Net().to(dtype)
-    ll.add_adapter(net, ll.AdapterSpec(method=method, r=4, targets=["layer"]))
-    net.eval()  # rank-sampling methods (DyLoRA) train at a random rank; eval runs them whole
-    trained = {n: p for n, p in net.named_parameters() if p.requires_grad}
-    with torch.no_grad():  # every trained tensor moved off its start, so the update is not zero
-        for p in trained.values():
-            p.add_(0.1 * torch.randn_like(p))
+    trained = adapted(net, method)
     x = torch.randn(6, 64, dtype=dtype)
     with torch.no_grad():
         inferred = net(x)
@@ -54,8 +61,7 @@ def test_method_on_a_16_bit_base(method, dtype):
     torch.testing.assert_close(mixed[0::2], inferred[0::2], atol=1e-2, rtol=1e-2)  # other op order: rounding
     torch.testing.assert_close(mixed[1::2], base[1::2])
     out.float().square().sum().backward()
-    for name, p in trained.items():
-        assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all(), name
+    assert all(p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all() for p in trained)
 
 
 OTHER_KINDS = {"hf-conv1d": (lambda: Conv1D(48, 64), lambda: torch.randn(3, 5, 64)),
@@ -69,12 +75,7 @@ def test_method_on_other_bfloat16_layer_kinds(kind, method):
     make_layer, make_input = OTHER_KINDS[kind]
     torch.manual_seed(0)
     net = nn.Sequential(make_layer()).to(torch.bfloat16)
-    ll.add_adapter(net, ll.AdapterSpec(method=method, r=4, targets=["0"]))
-    net.eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
+    adapted(net, method, target="0")
     x = make_input()
     with torch.no_grad():
         reference = copy.deepcopy(net).float()(x.float() if x.is_floating_point() else x)
@@ -91,12 +92,8 @@ def test_merge_on_a_16_bit_base_and_unmerge_restores_it_bit_for_bit(method, dtyp
     torch.manual_seed(0)
     net = Net().to(dtype)
     original = net.layer.weight.detach().clone()
-    ll.add_adapter(net, ll.AdapterSpec(method=method, r=4, targets=["layer"]))
-    net.eval()
+    adapted(net, method)
     with torch.no_grad():
-        for p in net.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
         x = torch.randn(6, 64, dtype=dtype)
         unmerged = net(x)
         for _ in range(3):
@@ -112,13 +109,9 @@ def test_float32_adapter_on_a_bfloat16_base_under_autocast(method):
     layer gives bf16 like its base, the gradients are float32, and the output is the float32 copy's."""
     torch.manual_seed(0)
     net = Net().to(torch.bfloat16)
-    ll.add_adapter(net, ll.AdapterSpec(method=method, r=4, targets=["layer"]), dtype=torch.float32)
-    net.eval()
-    trained = [p for p in net.parameters() if p.requires_grad]
+    trained = adapted(net, method, dtype=torch.float32)
     assert {p.dtype for p in trained} == {torch.float32}
     with torch.no_grad():
-        for p in trained:
-            p.add_(0.1 * torch.randn_like(p))
         x = torch.randn(6, 64, dtype=torch.bfloat16)
         reference = copy.deepcopy(net).float()(x.float())
     with torch.autocast("cpu", dtype=torch.bfloat16):
