@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import nn
 
 from loralab.checkpoint import load_adapter, read_config, read_tensors
@@ -45,12 +44,12 @@ def load_with_adapter(base: str, adapter: str | os.PathLike | None = None, name:
 
 def merge_for_inference(model: nn.Module, name: str) -> bool:
     """Fold adapter `name` into the base weights, so that inference runs at the base model's speed (an
-    unmerged adapter adds its own work to every forward: to each token's, when generating). Only into
-    float32 weights — 16-bit weights would round much of the update away — and not for adapters that
+    unmerged adapter adds its own work to every forward: to each token's, when generating). Not into
+    16-bit weights — they would round much of the update away — and not for adapters that
     route each token (no single ΔW); True if merged."""
     from loralab.model import adapted_layers, merge, unmerge
 
-    if any(layer.kind.weight.dtype != torch.float32 for _, layer in adapted_layers(model, name)):
+    if any(layer.kind.weight.element_size() < 4 for _, layer in adapted_layers(model, name)):  # as merge's rule
         return False
     try:
         merge(model, name)

@@ -117,7 +117,8 @@ def add_adapter(
             new.append((path, method_cls(kind, spec, shared=shared)))
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
-    for path in _resolve_saved(model, spec.modules_to_save):
+    saved_paths = _resolve_saved(model, spec.modules_to_save)
+    for path in saved_paths:
         current = model.get_submodule(path)
         if not isinstance(current, SavedModule):
             current = SavedModule(current)
@@ -139,7 +140,7 @@ def add_adapter(
     if dtype is not None:
         for _, method in new:
             method.to(dtype)
-        for path in _resolve_saved(model, spec.modules_to_save):
+        for path in saved_paths:
             model.get_submodule(path).copies[name].to(dtype)
     set_active(model, name if activate else state.active)
     return model
