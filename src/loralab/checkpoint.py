@@ -33,7 +33,6 @@ from loralab.targets import candidate_modules, matches
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-SHARED = "loralab_shared."
 FORMAT_VERSION = 1
 PEFT_SHARED_FIELDS = ("task_type", "base_model_name_or_path", "target_modules", "exclude_modules", "bias",
                       "modules_to_save", "fan_in_fan_out", "inference_mode", "layers_to_transform", "layers_pattern",
@@ -131,7 +130,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         for key, t in _saved_for_original_base(method).items():
             out[f"{PREFIX}{path}.{key}"] = t
         if method.shared is not None:
-            out.update({f"{PREFIX}{SHARED}{k}": t for k, t in method.shared.state_dict().items()})
+            out.update({f"{method.shared_prefix}{k}": t for k, t in method.shared.state_dict().items()})
     for path, module in wrappers(model):
         if isinstance(module, SavedModule) and name in module.copies:
             for key, t in module.copies[name].state_dict().items():
@@ -269,20 +268,21 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], spec: A
     def under(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
+    shared_done = False
     for path, method in methods_of(model, name):
         mine = under(path)
         method.from_saved(mine, where=path)
         used.update(f"{path}.{k}" for k in method.to_saved())
-        if method.shared is not None and SHARED + "*" not in used:
-            target = method.shared.state_dict()
-            saved = under(SHARED.rstrip("."))
-            for key, t in target.items():
-                if key not in saved:
-                    raise ValueError(f"adapter file lacks {SHARED}{key} (the adapter's shared parameters)")
-                check_shape(SHARED + key, saved[key].shape, t.shape)
+        if method.shared is not None and not shared_done:
+            prefix = method.shared_prefix.removeprefix(PREFIX)  # as read_tensors left the keys
+            for key, t in method.shared.state_dict().items():
+                if prefix + key not in tensors:
+                    raise ValueError(f"adapter file lacks {method.shared_prefix}{key} (the adapter's shared tensors)")
+                check_shape(prefix + key, tensors[prefix + key].shape, t.shape)
                 with torch.no_grad():
-                    t.copy_(saved[key])
-            used.update({SHARED + "*"} | {SHARED + k for k in target})
+                    t.copy_(tensors[prefix + key])
+                used.add(prefix + key)
+            shared_done = True
     for path, module in wrappers(model):
         if isinstance(module, SavedModule) and name in module.copies:
             target = module.copies[name].state_dict()
@@ -300,7 +300,7 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], spec: A
         if key not in params:
             raise ValueError(f"adapter file holds bias {key}, which the model does not have")
         check_shape(key, t.shape, params[key].shape)
-    unexpected = sorted(set(tensors) - used - set(biases) - {SHARED + "*"})
+    unexpected = sorted(set(tensors) - used - set(biases))
     if unexpected:
         raise ValueError(f"adapter file holds tensors the model has no place for: {', '.join(unexpected[:5])}"
                          + (" …" if len(unexpected) > 5 else ""))

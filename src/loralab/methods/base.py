@@ -41,6 +41,8 @@ class AdapterMethod(nn.Module):
     rank_schedule: ClassVar[str | None] = None  # the trainer callback the method is meant to train with
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "hf-conv1d", "conv", "embedding")
     option_defaults: ClassVar[dict[str, Any]] = {}
+    # where the adapter file keeps `shared`'s tensors (make_shared); PEFT's own formats: "base_model."
+    shared_prefix: ClassVar[str] = "base_model.model.loralab_shared."
 
     def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
         super().__init__()
@@ -72,7 +74,7 @@ class AdapterMethod(nn.Module):
         """Parameters shared by every layer of one adapter (Tied-LoRA, Uni-LoRA, MoS, VB-LoRA, …).
 
         Built once per adapter from all its layers' shapes; each method instance gets it as
-        `self.shared`. Saved once, under `loralab_shared.` in the adapter file."""
+        `self.shared`. Saved once, its state_dict keys under `shared_prefix` in the adapter file."""
         return None
 
     @classmethod
