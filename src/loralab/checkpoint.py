@@ -271,8 +271,8 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], spec: A
     shared_done = False
     for path, method in methods_of(model, name):
         mine = under(path)
-        method.from_saved(mine, where=path)
-        used.update(f"{path}.{k}" for k in method.to_saved())
+        read = method.from_saved(mine, where=path)  # None: the keys to_saved names
+        used.update(f"{path}.{k}" for k in (method.to_saved() if read is None else read))
         if method.shared is not None and not shared_done:
             prefix = method.shared_prefix.removeprefix(PREFIX)  # as read_tensors left the keys
             for key, t in method.shared.state_dict().items():

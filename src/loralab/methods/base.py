@@ -154,8 +154,9 @@ class AdapterMethod(nn.Module):
         buffers = [(n, b) for n, b in self.named_buffers() if n not in self._non_persistent_buffers_set]
         return {name: t.detach() for name, t in [*self.named_parameters(), *buffers] if "." not in name}
 
-    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        """Load what `to_saved` wrote; `where` names the module in error messages."""
+    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> set[str] | None:
+        """Load what `to_saved` wrote; `where` names the module in error messages. Returns the keys it
+        read where they are not to_saved's (a method that reads an older layout's names too), else None."""
         own = dict(self.to_saved())
         missing = sorted(set(own) - set(tensors))
         if missing:
