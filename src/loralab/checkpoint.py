@@ -115,7 +115,8 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
         "revision": None,
     }
     if method.peft_type not in (None, "LORA"):  # PEFT's own format for the method (BOFT): its fields, not LoRA's
-        return {**{k: config[k] for k in PEFT_SHARED_FIELDS}, **method.peft_config(spec)}
+        fields = method.peft_config_for(spec, [layer.kind for layer in layers.values()])
+        return {**{k: config[k] for k in PEFT_SHARED_FIELDS}, **fields}
     if config["peft_type"] == "LORALAB":
         config["loralab"] = {"format_version": FORMAT_VERSION, "method": spec.method,
                              "options": spec.options, "init": spec.init}
@@ -130,7 +131,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         for key, t in _saved_for_original_base(method).items():
             out[f"{PREFIX}{path}.{key}"] = t
         if method.shared is not None:
-            out.update({f"{method.shared_prefix}{k}": t for k, t in method.shared.state_dict().items()})
+            out.update({f"{method.shared_prefix}{k}": t for k, t in method.shared_to_saved().items()})
     for path, module in wrappers(model):
         if isinstance(module, SavedModule) and name in module.copies:
             for key, t in module.copies[name].state_dict().items():
@@ -250,7 +251,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     `dtype`: its tensors' dtype (default: the base weights'; see `add_adapter`)."""
     config = read_config(path)
     spec = spec_from_config(config, per_layer=True)
-    tensors = read_tensors(path)
+    tensors = METHODS.get(spec.method).remap_saved(config, read_tensors(path))
     add_adapter(model, spec, name, activate=activate, dtype=dtype)
     try:
         if config.get("peft_type") not in _peft_formats():  # per-layer ranks are LoRA's

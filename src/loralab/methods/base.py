@@ -137,6 +137,11 @@ class AdapterMethod(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def peft_config_for(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
+        """`peft_config` for these adapted layers (as make_shared gets them), where the fields depend on them."""
+        return cls.peft_config(spec)
+
+    @classmethod
     def spec_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
         """For a `peft_type` other than LORA: the AdapterSpec fields (method, r, options, …) that PEFT's
         adapter_config.json gives, besides targets, exclude, bias and modules_to_save."""
@@ -146,6 +151,16 @@ class AdapterMethod(nn.Module):
     def expected_shared_params(cls, spec: AdapterSpec, layers: list[LayerKind]) -> int:
         """The paper's count for the parameters shared across layers (0 if none)."""
         return 0
+
+    @classmethod
+    def remap_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A file's tensors (keys as `read_tensors` leaves them) as `to_saved` and `shared_to_saved` name them
+        now, where a layout PEFT writes, or an older loralab one, names or shapes them otherwise."""
+        return tensors
+
+    def shared_to_saved(self) -> dict[str, torch.Tensor]:
+        """`shared`'s tensors to save under `shared_prefix`: by default its state_dict, which loading copies back."""
+        return self.shared.state_dict()
 
     def to_saved(self) -> dict[str, torch.Tensor]:
         """Tensors to save, keyed by their name under the module's path in the adapter file:

@@ -9,9 +9,23 @@ the authors' code), so ΔW is small but non-zero at the start. The paper uses b 
 default `vector_length="auto"` takes the largest power of two up to 256 dividing every
 adapted layer's in and out sizes (128 on MiniLM, 64 on SmolLM2), since a short b multiplies
 the logits (h·r·(in + out)/b per layer) and slows learning.
+
+Saved in PEFT's VBLORA format (nn.Linear and GPT-2's Conv1D, the layers PEFT's VB-LoRA takes):
+`base_model.vblora_vector_bank` [h, b] and per layer `vblora_logits_A` [r, in/b, h] (piece j of
+row i of A: logits_A[i, j]) and `vblora_logits_B` [out/b, r, h] (piece j of column i of B:
+logits_B[j, i]), the layout loralab keeps them in too. PEFT's ΔW = B A has no scale: loralab
+saves √s·bank (ΔW is quadratic in the bank), so an adapter read back has s = 1 (alpha = r) and
+the same output, up to rounding. Files PEFT wrote with `save_only_topk_weights` (top-k indices
+and weights in place of the logits) read as PEFT reads them, the other logits −∞: such an
+adapter keeps its choice of bank vectors if trained further. Files of loralab's older layout
+("peft_type": "LORALAB"; `logits_A` [r·in/b, h], `logits_B` [r·out/b, h], the bank under
+`base_model.model.loralab_shared.bank`) still load.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +36,8 @@ from loralab.spec import AdapterSpec
 
 DEFAULTS = {"bank_size": 256, "vector_length": "auto", "top_k": 2, "seed": 0, "bank_bound": 0.02,
             "logits_std": 0.1}
+BANK = "base_model.vblora_vector_bank"  # the bank's key in the file, as `read_tensors` leaves it
+INDICES, WEIGHTS = "_topk_indices", "_topk_weights"  # PEFT's save_only_topk_weights keys: <logits> + these
 
 
 def vector_length(option: int | str, layers: list[LayerKind]) -> int:
@@ -38,12 +54,21 @@ def vector_length(option: int | str, layers: list[LayerKind]) -> int:
     return option
 
 
+def logits_from_topk(indices: torch.Tensor, weights: torch.Tensor, bank_size: int) -> torch.Tensor:
+    """Full logits from PEFT's top-k indices and the first k − 1 softmax weights: log-weights, −∞ elsewhere."""
+    weights = torch.cat([weights, 1 - weights.sum(-1, keepdim=True)], dim=-1)
+    full = torch.full((*indices.shape[:-1], bank_size), -math.inf, dtype=weights.dtype)
+    return full.scatter(-1, indices.long(), weights.log())
+
+
 @METHODS.register("vb-lora")
 class VBLoRA(FactoredMethod):
     name = "vb-lora"
     summary = "A and B assembled from top-k mixtures of one shared bank of short vectors"
     paper = "2405.15179"
     param_formula = "h·b shared, plus h·r·(in + out)/b logits per layer"
+    peft_type = "VBLORA"
+    shared_prefix = "base_model."
     suggested_lr = 5e-3
     layer_kinds = ("linear", "hf-conv1d")
     option_defaults = DEFAULTS
@@ -55,7 +80,7 @@ class VBLoRA(FactoredMethod):
         b = vector_length(opts["vector_length"], layers)
         bank = (torch.rand(opts["bank_size"], b, generator=g) * 2 - 1) * opts["bank_bound"]
         shared = nn.Module()
-        shared.bank = nn.Parameter(bank.to(layers[0].weight))
+        shared.vblora_vector_bank = nn.Parameter(bank.to(layers[0].weight))
         return shared
 
     @classmethod
@@ -65,23 +90,74 @@ class VBLoRA(FactoredMethod):
 
     def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
         super().__init__(layer, spec, shared)
-        b, h, k = self.shared.bank.shape[1], self.options["bank_size"], self.options["top_k"]
+        b, h, k = self.shared.vblora_vector_bank.shape[1], self.options["bank_size"], self.options["top_k"]
         if not 1 <= k <= h:
             raise ValueError(f"vb-lora top_k must be in [1, bank_size={h}], got {k}")
         kw = {"dtype": layer.weight.dtype, "device": layer.weight.device}
         std = self.options["logits_std"]
-        self.logits_A = nn.Parameter(torch.randn(spec.r * layer.in_features // b, h, **kw) * std)
-        self.logits_B = nn.Parameter(torch.randn(spec.r * layer.out_features // b, h, **kw) * std)
+        self.vblora_logits_A = nn.Parameter(torch.randn(spec.r, layer.in_features // b, h, **kw) * std)
+        self.vblora_logits_B = nn.Parameter(torch.randn(layer.out_features // b, spec.r, h, **kw) * std)
 
     def expected_trainable_params(self) -> int:
-        return self.logits_A.numel() + self.logits_B.numel()
+        return self.vblora_logits_A.numel() + self.vblora_logits_B.numel()
 
     def assemble(self, logits: torch.Tensor) -> torch.Tensor:
-        """Each row: the softmax-weighted sum of its top-k bank vectors."""
+        """Each piece: the softmax-weighted sum of its top-k bank vectors ([..., h] logits → [..., b])."""
         top, index = logits.topk(self.options["top_k"], dim=-1)
-        return torch.einsum("pk,pkb->pb", top.softmax(-1), self.shared.bank[index])
+        return torch.einsum("...k,...kb->...b", top.softmax(-1), self.shared.vblora_vector_bank[index])
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.assemble(self.logits_A).reshape(self.r, self.layer.in_features)
-        b = self.assemble(self.logits_B).reshape(self.r, self.layer.out_features).T  # pieces run along out
+        a = self.assemble(self.vblora_logits_A).reshape(self.r, self.layer.in_features)
+        b = self.assemble(self.vblora_logits_B).transpose(1, 2).reshape(self.layer.out_features, self.r)
         return a, b
+
+    # ---- PEFT's VBLORA format --------------------------------------------------------------
+    def shared_to_saved(self) -> dict[str, torch.Tensor]:
+        return {"vblora_vector_bank": self.shared.vblora_vector_bank.detach() * math.sqrt(self.scale)}
+
+    @classmethod
+    def remap_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if config.get("peft_type") == "LORALAB":
+            return cls._from_loralab_layout(int(config["r"]), tensors)
+        if not config.get("save_only_topk_weights"):
+            return tensors
+        out = {k: v for k, v in tensors.items() if not k.endswith((INDICES, WEIGHTS))}
+        for logits in (k.removesuffix(INDICES) for k in tensors if k.endswith(INDICES)):
+            out[logits] = logits_from_topk(tensors[logits + INDICES], tensors[logits + WEIGHTS],
+                                           int(config["num_vectors"]))
+        return out
+
+    @staticmethod
+    def _from_loralab_layout(r: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """loralab's older layout: logits_A [r·in/b, h] and logits_B [r·out/b, h] (rank-major), the bank
+        under loralab_shared."""
+        out = {}
+        for key, t in tensors.items():
+            path, _, leaf = key.rpartition(".")
+            if key == "loralab_shared.bank":
+                out[BANK] = t
+            elif leaf == "logits_A":
+                out[f"{path}.vblora_logits_A"] = t.reshape(r, -1, t.shape[-1])
+            elif leaf == "logits_B":
+                out[f"{path}.vblora_logits_B"] = t.reshape(r, -1, t.shape[-1]).transpose(0, 1)
+            else:
+                out[key] = t
+        return out
+
+    @classmethod
+    def peft_config_for(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
+        opts = {**DEFAULTS, **spec.options}
+        return {"peft_type": "VBLORA", "r": spec.r, "num_vectors": opts["bank_size"],
+                "vector_length": vector_length(opts["vector_length"], layers), "topk": opts["top_k"],
+                "save_only_topk_weights": False, "vblora_dropout": spec.dropout,
+                "init_vector_bank_bound": opts["bank_bound"], "init_logits_std": opts["logits_std"],
+                "bias": "vblora_only" if spec.bias == "lora_only" else spec.bias}
+
+    @classmethod
+    def spec_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
+        r, bias = int(config["r"]), config.get("bias") or "none"
+        options = {"bank_size": int(config.get("num_vectors", 256)), "vector_length": int(config["vector_length"]),
+                   "top_k": int(config.get("topk", 2)), "bank_bound": float(config.get("init_vector_bank_bound", 0.02)),
+                   "logits_std": float(config.get("init_logits_std", 0.1))}
+        return {"method": "vb-lora", "r": r, "alpha": float(r), "dropout": float(config.get("vblora_dropout") or 0),
+                "options": options, "bias": "lora_only" if bias == "vblora_only" else bias}
