@@ -1,8 +1,11 @@
 """AdaLoRA (arXiv 2303.10512): the SVD-form ΔW = s·P·diag(λ⊙m)·Q, and its pruning schedule meets its budget."""
 
+import json
+
 import pytest
 import torch
 from method_harness import (
+    Net,
     check_forward,
     check_merge_roundtrip,
     check_param_count,
@@ -12,6 +15,7 @@ from method_harness import (
 from trainer_toy import examples
 
 import loralab as ll
+from loralab.model import methods_of
 from loralab.train import TrainConfig, Trainer
 from loralab.train.rank.adalora import budget_at
 
@@ -92,3 +96,123 @@ def test_schedule_refuses_other_methods_and_options():
         Trainer(toy_model(), examples(8), None, TrainConfig(rank_schedule="adalora", rank_options={"x": 1}))
     with pytest.raises(ValueError, match="unknown rank schedule"):
         Trainer(toy_model(), examples(8), None, TrainConfig(rank_schedule="adaloar"))
+
+
+# ---- PEFT's AdaLoRA format, both ways ----------------------------------------------------------
+PEFT_KINDS = ("linear", "hf-conv1d", "conv")  # what PEFT's AdaLoRA takes (not nn.Embedding)
+
+
+def randomized(net, dtype=torch.float32, mask=None, **spec):
+    """`net` with a random AdaLoRA named "a" (P, Q and λ all drawn), its mask set to `mask`."""
+    ll.add_adapter(net.to(dtype), ll.AdapterSpec(**{**SPEC, **spec}), name="a")
+    (_, method), = methods_of(net, "a")
+    with torch.no_grad():
+        for p in (method.lora_P, method.lora_Q, method.lora_E):
+            p.normal_(0, 0.5)
+        if mask is not None:
+            method.rank_mask.copy_(torch.tensor(mask))
+    return net
+
+
+def peft_adalora(kind, prune, dtype=torch.float32, **options):
+    """A PEFT AdaLoRA (init_r=4) on harness Net(kind) with random A, B, E; `prune`: PEFT's own allocator
+    masks it down to target_r=2 on average (its final masking is at step total_step − tfinal = 3)."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    config = AdaLoraConfig(target_modules=["layer"], init_r=4, target_r=2, total_step=4, tfinal=1,
+                           fan_in_fan_out=kind == "hf-conv1d", **{"lora_alpha": 8, **options})
+    theirs = get_peft_model(Net(kind).to(dtype), config)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5)
+    x = Net(kind).sample().to(dtype)
+    for step in range(4 if prune else 0):
+        theirs(x).pow(2).sum().backward()
+        theirs.base_model.update_and_allocate(step)
+        theirs.zero_grad()
+    return theirs.eval()
+
+
+@pytest.mark.parametrize("kind", PEFT_KINDS)
+@pytest.mark.parametrize("variant", [{}, {"mask": [1.0, 0.0, 1.0, 0.0]}, {"rslora": True, "alpha": 3.0}])
+def test_peft_loads_loralab_adalora(tmp_path, kind, variant):
+    from peft import PeftModel
+
+    net = randomized(Net(kind), **variant)
+    ll.save_adapter(net, tmp_path, name="a")
+    x = net.sample()
+    theirs = PeftModel.from_pretrained(Net(kind), tmp_path).eval()
+    torch.testing.assert_close(theirs(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", PEFT_KINDS)
+@pytest.mark.parametrize("prune", [False, True])
+def test_loralab_loads_peft_adalora(tmp_path, kind, prune):
+    theirs = peft_adalora(kind, prune)
+    theirs.save_pretrained(tmp_path)
+    if prune:  # PEFT's file then holds only the kept triplets
+        assert sum(map(sum, theirs.peft_config["default"].rank_pattern.values())) == 2
+    net = ll.load_adapter(Net(kind), tmp_path)
+    x = net.sample()
+    torch.testing.assert_close(net(x), theirs(x), atol=1e-5, rtol=1e-5)
+    (_, method), = methods_of(net, "default")
+    assert method.active_rank() == (2 if prune else 4)
+
+
+def test_scale_is_peft_lora_alpha_over_init_r_plus_its_epsilon(tmp_path):
+    """PEFT scales by lora_alpha / (init_r + 1e-5): in float64 the outputs agree far below that epsilon's
+    effect (2.5e-6 relative here), both ways."""
+    from peft import PeftModel
+
+    net = randomized(Net("linear"), torch.float64)
+    ll.save_adapter(net, tmp_path / "ours", name="a")
+    x = net.sample().double()
+    theirs = PeftModel.from_pretrained(Net("linear").double(), tmp_path / "ours").eval()
+    torch.testing.assert_close(theirs(x), net(x), atol=1e-12, rtol=1e-10)
+    peft_adalora("linear", prune=False, dtype=torch.float64).save_pretrained(tmp_path / "theirs")
+    theirs = PeftModel.from_pretrained(Net("linear").double(), tmp_path / "theirs").eval()
+    ours = ll.load_adapter(Net("linear").double(), tmp_path / "theirs")
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-12, rtol=1e-10)
+
+
+def test_zero_lora_alpha_reads_as_peft_scales_it_and_is_refused_once_pruned(tmp_path):
+    """PEFT's lora_alpha <= 0 means "scale by the layer's rank": init_r unpruned, else each layer's own."""
+    theirs = peft_adalora("linear", prune=False, lora_alpha=0)
+    theirs.save_pretrained(tmp_path / "whole")
+    net = ll.load_adapter(Net("linear"), tmp_path / "whole")
+    x = net.sample()
+    torch.testing.assert_close(net(x), theirs(x), atol=1e-5, rtol=1e-5)
+    peft_adalora("linear", prune=True, lora_alpha=0).save_pretrained(tmp_path / "pruned")
+    with pytest.raises(ValueError, match="lora_alpha=0 and a rank_pattern that prunes"):
+        ll.load_adapter(Net("linear"), tmp_path / "pruned")
+
+
+def test_file_with_more_triplets_than_init_r_is_refused(tmp_path):
+    ll.save_adapter(randomized(Net("linear")), tmp_path, name="a")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "init_r": 3}))
+    with pytest.raises(ValueError, match="layer.lora_E holds 4 triplets but the config's init_r is 3"):
+        ll.load_adapter(Net("linear"), tmp_path)
+
+
+def test_old_loralab_layout_still_loads(tmp_path):
+    """The layout loralab wrote before it used PEFT's: lora_P, lora_Q, lora_E [r], rank_mask under LORALAB."""
+    from safetensors.torch import save_file
+
+    old = randomized(Net("linear"), mask=[1.0, 0.0, 1.0, 1.0])
+    (_, method), = methods_of(old, "a")
+    tensors = {k: getattr(method, k).detach().contiguous() for k in ("lora_P", "lora_Q", "lora_E", "rank_mask")}
+    save_file({f"base_model.model.layer.{k}": t for k, t in tensors.items()}, tmp_path / "adapter_model.safetensors")
+    config = {"peft_type": "LORALAB", "task_type": None, "base_model_name_or_path": None, "r": 4, "lora_alpha": 8.0,
+              "lora_dropout": 0.0, "target_modules": ["layer"], "exclude_modules": None, "use_rslora": False,
+              "use_dora": False, "bias": "none", "modules_to_save": None, "fan_in_fan_out": False,
+              "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
+              "layers_to_transform": None, "layers_pattern": None, "lora_bias": False, "revision": None,
+              "loralab": {"format_version": 1, "method": "adalora", "options": {}, "init": "gaussian"}}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    net = ll.load_adapter(Net("linear"), tmp_path)
+    x = net.sample()
+    torch.testing.assert_close(net(x), old(x), atol=0, rtol=0)
+    (_, loaded), = methods_of(net, "default")
+    assert loaded.rank_mask.tolist() == [1.0, 0.0, 1.0, 1.0]

@@ -3,16 +3,37 @@
 P ∈ R^{out×r} and Q ∈ R^{r×in} are kept near-orthogonal by a regulariser, λ ∈ R^r holds the
 "singular values" (zero at init, so the output starts unchanged) and m is a 0/1 mask that
 rank schedules (`rank_schedule="adalora"` prunes, `"increlora"` grows) set per triplet.
+
+Saved in PEFT's AdaLoRA format: `lora_A` [r, in] holds Q, `lora_B` [out, r] P and `lora_E` [r, 1] λ ⊙ m;
+`init_r` is r. PEFT scales by lora_alpha / (ranknum + 1e-5), ranknum = init_r, so loralab writes
+lora_alpha = s·(r + 1e-5) and reads s = lora_alpha / (init_r + 1e-5) (an rsLoRA scale too: PEFT's AdaLoRA
+ignores use_rslora). PEFT's schedule fields (target_r, tinit, tfinal, deltaT, beta1, beta2, orth_reg_weight,
+total_step) configure its RankAllocator, not the adapter, and loralab's schedule takes its own from
+TrainConfig.rank_options: they are written as PEFT's defaults (but target_r = r // 2, loralab's default
+target_rank, as PEFT's 8 may exceed r, and total_step, which PEFT requires, = 1) and ignored on reading.
+Masks: PEFT's `rank_pattern` (per-layer booleans; the file then holds only the kept triplets) is read with
+the kept triplets first in the layer (their order does not change the output; IncreLoRA grows masks from
+the front). loralab writes every triplet, a masked one with λ = 0 as PEFT's masking leaves it, and no
+rank_pattern (the config is written from the spec, which holds no masks): a reloaded adapter gives the
+same outputs but has every triplet active (option init_rank is not saved either), a masked triplet's λ
+lost. Files of loralab's old layout (`lora_P`, `lora_Q`, `lora_E` [r], `rank_mask`; peft_type LORALAB)
+are read too, masks included.
+PEFT's AdaLoRA takes nn.Linear, GPT-2's Conv1D and nn.Conv2d: an AdaLoRA on nn.Embedding, nn.Conv1d or
+nn.Conv3d is read by loralab alone.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
-from loralab.methods.base import METHODS, AdapterMethod
+from loralab.methods.base import METHODS, AdapterMethod, check_shape
 from loralab.spec import AdapterSpec
+
+PEFT_RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
 
 
 @METHODS.register("adalora")
@@ -23,6 +44,7 @@ class AdaLoRA(AdapterMethod):
     suggested_lr = 5e-3
     rank_schedule = "adalora"
     param_formula = "r·(in + out) + r"
+    peft_type = "ADALORA"
     option_defaults = {"init_rank": None}  # triplets active at the start (default: all r)
 
     def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
@@ -60,3 +82,55 @@ class AdaLoRA(AdapterMethod):
 
     def active_rank(self) -> int:
         return int(self.rank_mask.sum())
+
+    # ---- PEFT's AdaLoRA format -------------------------------------------------------------
+    def to_saved(self) -> dict[str, torch.Tensor]:
+        values = self.values().detach()[:, None]
+        return {"lora_A": self.lora_Q.detach(), "lora_B": self.lora_P.detach(), "lora_E": values}
+
+    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> set[str] | None:
+        """Reads PEFT's layout, whose k ≤ r triplets (k < r after PEFT's pruning) fill the first k slots, or
+        loralab's old one (then returns its keys)."""
+        if "lora_P" in tensors:  # loralab's layout before PEFT's
+            targets = {"lora_P": self.lora_P, "lora_Q": self.lora_Q, "lora_E": self.lora_E, "rank_mask": self.rank_mask}
+            _copy(targets, tensors, where)
+            return set(targets)
+        k = tensors["lora_E"].shape[0] if "lora_E" in tensors else self.r
+        if k > self.r:
+            raise ValueError(f"{where}.lora_E holds {k} triplets but the config's init_r is {self.r}")
+        targets = {"lora_A": self.lora_Q[:k], "lora_B": self.lora_P[:, :k], "lora_E": self.lora_E[:k, None]}
+        _copy(targets, tensors, where)
+        with torch.no_grad():  # the other triplets keep their fresh start (λ = 0), masked
+            self.rank_mask.copy_(torch.arange(self.r) < k)
+        return None
+
+    @classmethod
+    def peft_config(cls, spec: AdapterSpec) -> dict[str, Any]:
+        return {"peft_type": "ADALORA", "init_r": spec.r, "lora_alpha": spec.scale * (spec.r + PEFT_RANKNUM_EPS),
+                "lora_dropout": spec.dropout, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+                "rank_pattern": None, "target_r": max(1, spec.r // 2), "tinit": 0, "tfinal": 0, "deltaT": 1,
+                "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5, "total_step": 1}
+
+    @classmethod
+    def spec_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
+        r, alpha = int(config.get("init_r", 12)), float(config.get("lora_alpha", 8))
+        if alpha <= 0:  # PEFT then scales a layer by its own rank: init_r, or what rank_pattern keeps
+            if any(0 < sum(kept) < r for kept in (config.get("rank_pattern") or {}).values()):
+                raise ValueError(f"this AdaLoRA adapter has lora_alpha={alpha:g} and a rank_pattern that prunes "
+                                 "some layers, so PEFT scales each layer by its pruned rank; loralab has one scale "
+                                 "per adapter and reads lora_alpha <= 0 only with every layer at rank init_r or 0")
+            alpha = r
+        return {"method": "adalora", "r": r, "alpha": alpha * r / (r + PEFT_RANKNUM_EPS),
+                "dropout": float(config.get("lora_dropout") or 0), "bias": config.get("bias") or "none"}
+
+
+def _copy(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy tensors[key] into each target, once every key is there with the target's shape."""
+    missing = sorted(set(targets) - set(tensors))
+    if missing:
+        raise ValueError(f"adapter file lacks {', '.join(f'{where}.{k}' for k in missing)}")
+    for key, target in targets.items():
+        check_shape(f"{where}.{key}", tensors[key].shape, target.shape)
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(tensors[key])
