@@ -1,7 +1,11 @@
 """LoHa (FedPara, arXiv 2108.06098): ΔW = s·(B₁A₁) ⊙ (B₂A₂); rank can exceed r."""
 
+import json
+
+import pytest
 import torch
 from method_harness import (
+    Net,
     attached,
     check_forward,
     check_merge_roundtrip,
@@ -9,6 +13,8 @@ from method_harness import (
     check_save_load,
     check_training_lowers_loss,
 )
+from safetensors.torch import save_file
+from torch import nn
 
 import loralab as ll
 
@@ -27,3 +33,124 @@ def test_loha(tmp_path):
 def test_rank_beyond_r():
     _, method = attached(ll.AdapterSpec(**SPEC), "linear")
     assert torch.linalg.matrix_rank(method.delta_weight().detach()) == 4  # r² with r = 2
+
+
+def test_dropouts_only_train():
+    spec = ll.AdapterSpec(**{**SPEC, "options": {"rank_dropout": 0.5}})
+    net, method = attached(spec, "linear")
+    x = net.sample()
+    with ll.disabled(net):
+        base = net(x)
+    full = net.eval()(x) - base
+    torch.manual_seed(0)
+    dropped = net.train()(x) - base
+    rows = (dropped.abs() > 0).flatten(0, -2).any(0)
+    assert 0 < rows.sum() < 10  # some output rows of ΔW dropped, the rest scaled by 1 / their share
+    torch.testing.assert_close(dropped[..., rows], full[..., rows] * 10 / rows.sum())
+    net, _ = attached(ll.AdapterSpec(**{**SPEC, "options": {"module_dropout": 0.99}}), "linear")
+    with ll.disabled(net):
+        base = net(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(net.train()(x), base)
+    assert not torch.allclose(net.eval()(x), base)
+
+
+# ---- PEFT's LoHa format, both ways ---------------------------------------------------------------
+LAYERS = {"linear": (lambda: (nn.Linear(12, 10), nn.Linear(10, 8)), (3, 5, 12)),
+          "conv2d": (lambda: (nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 1)), (2, 3, 6, 6)),  # b: a 1×1 kernel
+          "conv1d": (lambda: (nn.Conv1d(3, 6, 3, padding=1), nn.Conv1d(6, 4, 3)), (2, 3, 8))}
+
+
+class Pair(nn.Module):
+    """Two layers a and b of one kind, with biases."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = LAYERS[kind][0]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def sample(kind: str) -> torch.Tensor:
+    return torch.randn(*LAYERS[kind][1], generator=torch.Generator().manual_seed(1))
+
+
+# (layer kind, spec fields): the settings that change the saved file
+CASES = [("linear", {}), ("conv2d", {}), ("conv1d", {}), ("linear", {"rslora": True, "alpha": 6.0}),
+         ("linear", {"options": {"rank_dropout": 0.25, "module_dropout": 0.1}, "bias": "lora_only"})]
+
+
+@pytest.mark.parametrize("kind, extra", CASES)
+def test_peft_loads_loralab_loha(tmp_path, kind, extra):
+    from peft import PeftModel
+
+    net = Pair(kind)
+    ll.add_adapter(net, ll.AdapterSpec(**{"method": "loha", "r": 2, "alpha": 3.0, "targets": ["a", "b"], **extra}))
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    ll.save_adapter(net.eval(), tmp_path)
+    theirs = PeftModel.from_pretrained(Pair(kind), tmp_path).eval()
+    x = sample(kind)
+    torch.testing.assert_close(theirs(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind, effective", [("linear", False), ("conv2d", False), ("conv2d", True), ("conv1d", True)])
+def test_loralab_loads_peft_loha(tmp_path, kind, effective):
+    from peft import LoHaConfig, get_peft_model
+
+    config = LoHaConfig(target_modules=["a", "b"], r=2, alpha=6, rank_dropout=0.2, module_dropout=0.1,
+                        use_effective_conv2d=effective, init_weights=False)  # random factors
+    theirs = get_peft_model(Pair(kind), config).eval()
+    theirs.save_pretrained(tmp_path)
+    assert ("a.hada_t1" in ll.read_tensors(tmp_path)) == effective  # PEFT's CP form, on a's 3-wide kernel
+    net = ll.load_adapter(Pair(kind), tmp_path).eval()
+    x = sample(kind)
+    torch.testing.assert_close(net(x), theirs(x), atol=1e-5, rtol=1e-5)
+    assert ll.get_spec(net, "default").options == {"rank_dropout": 0.2, "module_dropout": 0.1}
+
+
+def test_file_has_peft_keys_and_fields(tmp_path):
+    from peft import LoHaConfig, get_peft_model
+
+    get_peft_model(Pair("conv2d"), LoHaConfig(target_modules=["a", "b"], r=2, alpha=3, rank_dropout=0.25,
+                                             module_dropout=0.1)).save_pretrained(tmp_path / "peft")
+    net = Pair("conv2d")
+    ll.add_adapter(net, ll.AdapterSpec(method="loha", r=2, alpha=3, targets=["a", "b"],
+                                       options={"rank_dropout": 0.25, "module_dropout": 0.1}))
+    ll.save_adapter(net, tmp_path / "ours")
+    theirs, ours = (ll.read_tensors(tmp_path / side) for side in ("peft", "ours"))
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    peft_config, config = (ll.read_config(tmp_path / side) for side in ("peft", "ours"))
+    fields = ("peft_type", "r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "rank_pattern",
+              "alpha_pattern")
+    assert {f: config[f] for f in fields} == {f: peft_config[f] for f in fields}
+
+
+def test_per_layer_ranks_are_refused(tmp_path):
+    from peft import LoHaConfig, get_peft_model
+
+    config = LoHaConfig(target_modules=["a", "b"], r=2, rank_pattern={"b": 3})
+    get_peft_model(Pair("linear"), config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="sets rank_pattern"):
+        ll.load_adapter(Pair("linear"), tmp_path)
+
+
+def test_loralab_layout_still_loads(tmp_path):
+    """A LoHa file loralab wrote before it used PEFT's format: its own keys, "peft_type": "LORALAB"."""
+    net, method = attached(ll.AdapterSpec(**SPEC), "linear")
+    old = {f"base_model.model.layer.{k}": v.detach().clone() for k, v in method.named_parameters()}
+    save_file(old, str(tmp_path / "adapter_model.safetensors"))
+    config = {"peft_type": "LORALAB", "task_type": None, "base_model_name_or_path": None, "r": 2, "lora_alpha": 4,
+              "lora_dropout": 0.0, "target_modules": ["layer"], "exclude_modules": None, "use_rslora": False,
+              "use_dora": False, "bias": "none", "modules_to_save": None, "fan_in_fan_out": False,
+              "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
+              "layers_to_transform": None, "layers_pattern": None, "lora_bias": False, "revision": None,
+              "loralab": {"format_version": 1, "method": "loha", "options": {}, "init": "gaussian"}}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    x = net.sample()
+    loaded = ll.load_adapter(Net("linear"), tmp_path)
+    torch.testing.assert_close(loaded(x), net(x), atol=0, rtol=0)

@@ -116,7 +116,8 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
     }
     if method.peft_type not in (None, "LORA"):  # PEFT's own format for the method (BOFT): its fields, not LoRA's
         fields = method.peft_config_for(spec, [layer.kind for layer in layers.values()])
-        return {**{k: config[k] for k in PEFT_SHARED_FIELDS}, **fields}
+        if fields is not None:  # None: settings that format cannot hold, saved in loralab's layout
+            return {**{k: config[k] for k in PEFT_SHARED_FIELDS}, **fields}
     if config["peft_type"] == "LORALAB":
         config["loralab"] = {"format_version": FORMAT_VERSION, "method": spec.method,
                              "options": spec.options, "init": spec.init}

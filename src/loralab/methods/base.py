@@ -137,8 +137,9 @@ class AdapterMethod(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def peft_config_for(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
-        """`peft_config` for these adapted layers (as make_shared gets them), where the fields depend on them."""
+    def peft_config_for(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any] | None:
+        """`peft_config` for these adapted layers (as make_shared gets them), where the fields depend on them;
+        None where PEFT's format for the method cannot hold these settings (then saved as LORALAB)."""
         return cls.peft_config(spec)
 
     @classmethod
