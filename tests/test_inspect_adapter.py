@@ -23,3 +23,13 @@ def test_summary_matches_dense_delta(tmp_path):
         method = m.get_submodule(name).adapters["default"]
         dense = (2.5 * method.lora_B @ method.lora_A).norm().item()
         assert abs(by_module[name].delta_norm - dense) < 1e-4 * max(dense, 1)
+
+
+def test_rank_and_alpha_of_a_method_in_its_own_peft_format(tmp_path):
+    """LoHa's config calls them r and alpha (not lora_alpha): the summary reads them as the method does."""
+    m = nn.Sequential(nn.Linear(8, 6))
+    ll.add_adapter(m, ll.AdapterSpec(method="loha", r=3, alpha=7, targets=["0"]))
+    ll.save_adapter(m, tmp_path)
+    s = summarize(tmp_path)
+    assert s.config["peft_type"] == "LOHA" and "lora_alpha" not in s.config
+    assert (s.method, s.r, s.alpha, s.rslora) == ("loha", 3, 7.0, False)

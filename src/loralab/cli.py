@@ -282,7 +282,7 @@ def inspect(args: argparse.Namespace) -> int:
         return 0
     c = s.config
     print(f"adapter   {s.path}\nmethod    {s.method} (peft_type {c.get('peft_type')})\n"
-          f"rank      r={c.get('r')} alpha={c.get('lora_alpha')} rslora={c.get('use_rslora', False)}\n"
+          f"rank      r={s.r} alpha={s.alpha:g} rslora={s.rslora}\n"
           f"targets   {c.get('target_modules')}\nbase      {c.get('base_model_name_or_path')}\n"
           f"task      {c.get('task_type')}\nparams    {s.params:,} in {len(s.layers)} modules")
     width = max((len(layer.module) for layer in s.layers), default=6)

@@ -28,6 +28,9 @@ class AdapterSummary:
     method: str
     params: int
     layers: list[LayerSummary] = field(default_factory=list)
+    r: int = 0
+    alpha: float = 0.0  # as the method reads it, whatever the config's field for it is called
+    rslora: bool = False
 
 
 def lora_delta_norm(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
@@ -58,4 +61,5 @@ def summarize(path: str | os.PathLike) -> AdapterSummary:
         flat = torch.cat([t.float().flatten() for t in own.values()])
         layers.append(LayerSummary(module, {k: list(t.shape) for k, t in own.items()}, flat.numel(), delta,
                                    float(flat.norm())))
-    return AdapterSummary(str(path), config, spec.method, sum(t.numel() for t in tensors.values()), layers)
+    return AdapterSummary(str(path), config, spec.method, sum(t.numel() for t in tensors.values()), layers,
+                          spec.r, spec.alpha, spec.rslora)
