@@ -1,5 +1,9 @@
-"""RandLoRA (arXiv 2502.00987): ΔW = s·Σ_i B_i diag(λ_i) A_i diag(γ_i), full rank from frozen random bases."""
+"""RandLoRA (arXiv 2502.00987): ΔW = s·Σ_i B_i diag(λ_i) A diag(γ_i), full rank from frozen random bases
+(one shared A; γ on the smaller side, so for in > out it is ΔWᵀ that has this form)."""
 
+import json
+
+import pytest
 import torch
 from method_harness import (
     attached,
@@ -9,24 +13,36 @@ from method_harness import (
     check_save_load,
     check_training_lowers_loss,
 )
+from safetensors.torch import save_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import loralab as ll
+from loralab.model import adapter_names, get_spec
 
 SPEC = dict(method="randlora", r=3, alpha=6, targets=["layer"])
 
 
 def reference(m, w):
-    total = 0
-    for i in range(m.bases_B.shape[0]):
-        total = total + m.bases_B[i] @ torch.diag(m.lora_lambda[i]) @ m.bases_A[i] @ torch.diag(m.lora_gamma[i])
-    return 2.0 * total
+    """Base b, rank k: column b·r + k of B's flattening pairs with row k·n + b of λ ⊙ A ⊙ γ's, as PEFT flattens."""
+    small, large = min(w.shape), max(w.shape)
+    r, n = m.randlora_lambda.shape
+    a = m.shared.randlora_A[:, 0, :small]
+    flat_b = m.shared.randlora_B[:large, :n].reshape(large, n * r)
+    total = torch.zeros(large, small)
+    for k in range(r):
+        for b in range(n):
+            column = flat_b[:, k * n + b]
+            total = total + torch.outer(column, m.randlora_lambda[k, b] * a[k] * m.randlora_gamma[b])
+    total = m.scale * total
+    return total if w.shape[1] == small else total.T
 
 
 def test_randlora(tmp_path):
     spec = ll.AdapterSpec(**SPEC)
     check_forward(spec, reference)
     check_merge_roundtrip(spec)
-    check_param_count(spec, lambda i, o: -(-min(i, o) // 3) * (3 + i))
+    check_param_count(spec, lambda i, o: -(-min(i, o) // 3) * (3 + min(i, o)))
     check_save_load(spec, tmp_path)
     check_training_lowers_loss(spec, lr=3e-2)
 
@@ -34,3 +50,136 @@ def test_randlora(tmp_path):
 def test_update_reaches_full_rank():
     _, method = attached(ll.AdapterSpec(**SPEC), "linear")
     assert torch.linalg.matrix_rank(method.delta_weight().detach()) == 10  # min(in=12, out=10), with r=3
+
+
+# ---- PEFT's RandLoRA format, both ways ----------------------------------------------------------
+class Stack(nn.Module):
+    """Three layers, nn.Linear or GPT-2's Conv1D: wider than tall (a: 16 → 12), square (b: 12 → 12) and taller
+    than wide (c: 12 → 20), each slicing its block of the shared A [r, 1, 16] and B [20, n, r]."""
+
+    def __init__(self, kind: str = "linear") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        make = nn.Linear if kind == "linear" else (lambda i, o: Conv1D(o, i))
+        self.a, self.b, self.c = make(16, 12), make(12, 12), make(12, 20)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def randomise_trainables(model: nn.Module) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+
+
+X = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+# (layer kind, spec fields): the settings that change the saved file, one at a time
+CASES = [
+    ("linear", {}),
+    ("hf-conv1d", {}),
+    ("linear", {"r": 5, "alpha": 7.5, "options": {"seed": 4}}),
+    ("linear", {"rslora": True}),
+    ("linear", {"options": {"save_projection": False}}),
+    ("hf-conv1d", {"options": {"save_projection": False, "seed": 2}}),
+    ("linear", {"options": {"sparse": True, "save_projection": False}}),
+    ("linear", {"options": {"very_sparse": True, "save_projection": False}}),
+    ("linear", {"r": 40}),  # r above every layer's size: one base each
+    ("linear", {"bias": "lora_only", "dropout": 0.1}),
+]
+
+
+def peft_randlora_config(spec: dict, kind: str = "linear", init_weights: bool = False):
+    from peft import RandLoraConfig
+
+    options, r = spec.get("options", {}), spec.get("r", 4)
+    alpha = spec.get("alpha", 16.0) * (r ** 0.5 if spec.get("rslora") else 1)  # the same s = alpha / r
+    return RandLoraConfig(target_modules=["a", "b", "c"], r=r, randlora_alpha=alpha,
+                          projection_prng_key=options.get("seed", 0),
+                          save_projection=options.get("save_projection", True),
+                          sparse=options.get("sparse", False), very_sparse=options.get("very_sparse", False),
+                          randlora_dropout=spec.get("dropout", 0.0),
+                          bias="randlora_only" if spec.get("bias") == "lora_only" else "none",
+                          fan_in_fan_out=kind == "hf-conv1d", init_weights=init_weights)
+
+
+def loralab_stack(kind: str, extra: dict) -> nn.Module:
+    net = Stack(kind)
+    ll.add_adapter(net, ll.AdapterSpec(**{"method": "randlora", "r": 4, "targets": ["a", "b", "c"], **extra}))
+    randomise_trainables(net)
+    return net.eval()
+
+
+@pytest.mark.parametrize("kind, extra", CASES)
+def test_peft_loads_loralab_randlora(tmp_path, kind, extra):
+    from peft import PeftModel
+
+    net = loralab_stack(kind, extra)
+    ll.save_adapter(net, tmp_path)
+    theirs = PeftModel.from_pretrained(Stack(kind), tmp_path).eval()
+    torch.testing.assert_close(theirs(X), net(X), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind, extra", CASES)
+def test_loralab_loads_peft_randlora(tmp_path, kind, extra):
+    from peft import get_peft_model
+
+    theirs = get_peft_model(Stack(kind), peft_randlora_config(extra, kind))
+    randomise_trainables(theirs)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path)
+    net = ll.load_adapter(Stack(kind), tmp_path).eval()
+    torch.testing.assert_close(net(X), theirs(X), atol=1e-5, rtol=1e-5)
+    assert get_spec(net, "default").dropout == extra.get("dropout", 0.0)
+
+
+@pytest.mark.parametrize("options", [{}, {"sparse": True}, {"very_sparse": True}, {"save_projection": False}])
+def test_file_has_peft_keys_and_fields(tmp_path, options):
+    from peft import get_peft_model
+
+    extra = {"r": 5, "alpha": 10.0, "bias": "lora_only", "dropout": 0.2, "options": {"seed": 2, **options}}
+    get_peft_model(Stack(), peft_randlora_config(extra, init_weights=True)).save_pretrained(tmp_path / "peft")
+    net = Stack()
+    ll.add_adapter(net, ll.AdapterSpec(method="randlora", targets=["a", "b", "c"], **extra))
+    ll.save_adapter(net, tmp_path / "ours")
+    theirs, ours = (ll.read_tensors(tmp_path / side) for side in ("peft", "ours"))
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    for key in theirs:  # the bases drawn as PEFT draws them, to the bit, and λ, γ started as PEFT starts them
+        torch.testing.assert_close(ours[key], theirs[key], atol=0, rtol=0, msg=key)
+    peft_config, config = (ll.read_config(tmp_path / side) for side in ("peft", "ours"))
+    fields = ("peft_type", "r", "randlora_alpha", "randlora_dropout", "projection_prng_key", "save_projection",
+              "sparse", "very_sparse", "bias")
+    assert {f: config[f] for f in fields} == {f: peft_config[f] for f in fields}
+
+
+def test_num_bases_is_kept_in_loralabs_own_field(tmp_path):
+    from peft import PeftModel
+
+    net = loralab_stack("linear", {"options": {"num_bases": 2}})
+    ll.save_adapter(net, tmp_path)
+    assert ll.read_config(tmp_path)["num_bases"] == 2
+    loaded = ll.load_adapter(Stack(), tmp_path)
+    torch.testing.assert_close(loaded(X), net(X), atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # PEFT has n = ⌈min/r⌉ only, and says so
+        PeftModel.from_pretrained(Stack(), tmp_path)
+
+
+def test_earlier_loralab_layout_is_refused_clearly(tmp_path):
+    """RandLoRA as loralab saved it before it used PEFT's format: n independent A_i per layer."""
+    r, n = 4, 3
+    tensors = {f"base_model.model.{p}.{k}": torch.randn(shape) for p, (i, o) in (("a", (16, 12)), ("b", (12, 20)))
+               for k, shape in (("bases_B", (n, o, r)), ("bases_A", (n, r, i)), ("lora_lambda", (n, r)),
+                                ("lora_gamma", (n, i)))}
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    config = {"peft_type": "LORALAB", "task_type": None, "base_model_name_or_path": None, "r": r, "lora_alpha": 16.0,
+              "lora_dropout": 0.0, "target_modules": ["a", "b"], "exclude_modules": None, "use_rslora": False,
+              "use_dora": False, "bias": "none", "modules_to_save": None, "fan_in_fan_out": False,
+              "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
+              "layers_to_transform": None, "layers_pattern": None, "lora_bias": False, "revision": None,
+              "loralab": {"format_version": 1, "method": "randlora", "options": {}, "init": "gaussian"}}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    net = Stack()
+    with pytest.raises(ValueError, match="earlier layout.*one shared A"):
+        ll.load_adapter(net, tmp_path)
+    assert adapter_names(net) == []

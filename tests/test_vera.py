@@ -1,5 +1,8 @@
 """VeRA (arXiv 2310.11454): ΔW = Λ_b B Λ_d A with frozen random A, B shared by all layers."""
 
+import json
+
+import pytest
 import torch
 from method_harness import (
     check_forward,
@@ -8,9 +11,12 @@ from method_harness import (
     check_save_load,
     check_training_lowers_loss,
 )
+from safetensors.torch import save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import loralab as ll
+from loralab.model import get_spec, methods_of
 
 SPEC = dict(method="vera", r=3, alpha=3, targets=["layer"])
 
@@ -18,7 +24,7 @@ SPEC = dict(method="vera", r=3, alpha=3, targets=["layer"])
 def reference(m, w):
     a = m.shared.vera_A[:, : w.shape[1]]
     b = m.shared.vera_B[: w.shape[0]]
-    return torch.diag(m.lora_b) @ b @ torch.diag(m.lora_d) @ a
+    return torch.diag(m.vera_lambda_b) @ b @ torch.diag(m.vera_lambda_d) @ a
 
 
 def test_vera(tmp_path):
@@ -36,3 +42,113 @@ def test_random_bases_shared_and_frozen():
     a0, a1 = net[0].adapters["default"], net[1].adapters["default"]
     assert a0.shared is a1.shared and not a0.shared.vera_A.requires_grad
     torch.testing.assert_close(a0.bases()[1][:6], a1.bases()[1])  # one pair, sliced per shape
+
+
+# ---- PEFT's VeRA format, both ways -------------------------------------------------------------
+class Stack(nn.Module):
+    """Three layers of different shapes, nn.Linear or GPT-2's Conv1D: each slices its own block of the shared
+    A [r, 16] and B [20, r] (a: 16 → 12, b: 12 → 12, c: 12 → 20)."""
+
+    def __init__(self, kind: str = "linear") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        make = nn.Linear if kind == "linear" else (lambda i, o: Conv1D(o, i))
+        self.a, self.b, self.c = make(16, 12), make(12, 12), make(12, 20)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def randomise_trainables(model: nn.Module) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+
+
+X = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+# (layer kind, spec fields): the options that change the saved file, one at a time
+CASES = [
+    ("linear", {}),
+    ("hf-conv1d", {}),
+    ("linear", {"options": {"seed": 7, "d_init": 0.5}}),
+    ("linear", {"options": {"save_projection": False}}),
+    ("hf-conv1d", {"options": {"save_projection": False, "seed": 3}}),
+    ("linear", {"r": 24}),  # r above every layer's size, as PEFT allows (its default is 256)
+    ("linear", {"bias": "lora_only", "dropout": 0.1}),
+]
+
+
+def peft_vera_config(spec: dict, kind: str = "linear", init_weights: bool = False):
+    from peft import VeraConfig
+
+    options = spec.get("options", {})
+    return VeraConfig(target_modules=["a", "b", "c"], r=spec.get("r", 4), projection_prng_key=options.get("seed", 0),
+                      save_projection=options.get("save_projection", True), d_initial=options.get("d_init", 0.1),
+                      vera_dropout=spec.get("dropout", 0.0),
+                      bias="vera_only" if spec.get("bias") == "lora_only" else "none",
+                      fan_in_fan_out=kind == "hf-conv1d", init_weights=init_weights)
+
+
+@pytest.mark.parametrize("kind, extra", CASES)
+def test_peft_loads_loralab_vera(tmp_path, kind, extra):
+    from peft import PeftModel
+
+    net = Stack(kind)
+    ll.add_adapter(net, ll.AdapterSpec(**{"method": "vera", "r": 4, "targets": ["a", "b", "c"], **extra}))
+    randomise_trainables(net)
+    net.eval()
+    ll.save_adapter(net, tmp_path)
+    theirs = PeftModel.from_pretrained(Stack(kind), tmp_path).eval()
+    torch.testing.assert_close(theirs(X), net(X), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind, extra", CASES)
+def test_loralab_loads_peft_vera(tmp_path, kind, extra):
+    from peft import get_peft_model
+
+    theirs = get_peft_model(Stack(kind), peft_vera_config(extra, kind))
+    randomise_trainables(theirs)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path)
+    net = ll.load_adapter(Stack(kind), tmp_path).eval()
+    torch.testing.assert_close(net(X), theirs(X), atol=1e-5, rtol=1e-5)
+    assert get_spec(net, "default").dropout == extra.get("dropout", 0.0)
+
+
+def test_file_has_peft_keys_and_fields(tmp_path):
+    from peft import get_peft_model
+
+    extra = {"r": 5, "bias": "lora_only", "dropout": 0.2, "options": {"seed": 2, "d_init": 0.3}}
+    get_peft_model(Stack(), peft_vera_config(extra, init_weights=True)).save_pretrained(tmp_path / "peft")
+    net = Stack()
+    ll.add_adapter(net, ll.AdapterSpec(method="vera", targets=["a", "b", "c"], **extra))
+    ll.save_adapter(net, tmp_path / "ours")
+    theirs, ours = (ll.read_tensors(tmp_path / side) for side in ("peft", "ours"))
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    for key in theirs:  # the bases drawn as PEFT draws them, to the bit, and b, d started as PEFT starts them
+        torch.testing.assert_close(ours[key], theirs[key], atol=0, rtol=0, msg=key)
+    peft_config, config = (ll.read_config(tmp_path / side) for side in ("peft", "ours"))
+    fields = ("peft_type", "r", "projection_prng_key", "save_projection", "d_initial", "vera_dropout", "bias")
+    assert {f: config[f] for f in fields} == {f: peft_config[f] for f in fields}
+
+
+def test_loralab_layout_still_loads(tmp_path):
+    """A VeRA file loralab wrote before it used PEFT's format: its own keys, "peft_type": "LORALAB"."""
+    net = Stack()
+    ll.add_adapter(net, ll.AdapterSpec(method="vera", r=4, targets=["a", "b", "c"], options={"seed": 1}))
+    randomise_trainables(net)
+    methods = dict(methods_of(net, "default"))
+    old = {f"base_model.model.loralab_shared.{k}": v for k, v in methods["a"].shared.state_dict().items()}
+    for path, m in methods.items():
+        old |= {f"base_model.model.{path}.lora_b": m.vera_lambda_b, f"base_model.model.{path}.lora_d": m.vera_lambda_d}
+    save_file({k: v.detach().contiguous() for k, v in old.items()}, str(tmp_path / "adapter_model.safetensors"))
+    config = {"peft_type": "LORALAB", "task_type": None, "base_model_name_or_path": None, "r": 4, "lora_alpha": 16.0,
+              "lora_dropout": 0.0, "target_modules": ["a", "b", "c"], "exclude_modules": None, "use_rslora": False,
+              "use_dora": False, "bias": "none", "modules_to_save": None, "fan_in_fan_out": False,
+              "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
+              "layers_to_transform": None, "layers_pattern": None, "lora_bias": False, "revision": None,
+              "loralab": {"format_version": 1, "method": "vera", "options": {"seed": 1}, "init": "gaussian"}}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    loaded = ll.load_adapter(Stack(), tmp_path)
+    torch.testing.assert_close(loaded(X), net(X), atol=0, rtol=0)
