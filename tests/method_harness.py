@@ -147,3 +147,24 @@ def check_training_lowers_loss(spec: ll.AdapterSpec, kind: str = "linear", steps
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+class Stack(nn.Module):
+    """Three layers, nn.Linear or GPT-2's Conv1D, wider than tall (a: 16 → 12), square (b: 12 → 12) and taller
+    than wide (c: 12 → 20): for methods whose layers slice matrices shared across them (VeRA, RandLoRA)."""
+
+    def __init__(self, kind: str = "linear") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        make = nn.Linear if kind == "linear" else (lambda i, o: Conv1D(o, i))
+        self.a, self.b, self.c = make(16, 12), make(12, 12), make(12, 20)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def randomise_trainables(model: nn.Module) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)

@@ -12,6 +12,7 @@ from method_harness import (
     check_save_load,
     check_training_lowers_loss,
 )
+from old_layout import old_loralab_config
 from trainer_toy import examples
 
 import loralab as ll
@@ -204,12 +205,7 @@ def test_old_loralab_layout_still_loads(tmp_path):
     (_, method), = methods_of(old, "a")
     tensors = {k: getattr(method, k).detach().contiguous() for k in ("lora_P", "lora_Q", "lora_E", "rank_mask")}
     save_file({f"base_model.model.layer.{k}": t for k, t in tensors.items()}, tmp_path / "adapter_model.safetensors")
-    config = {"peft_type": "LORALAB", "task_type": None, "base_model_name_or_path": None, "r": 4, "lora_alpha": 8.0,
-              "lora_dropout": 0.0, "target_modules": ["layer"], "exclude_modules": None, "use_rslora": False,
-              "use_dora": False, "bias": "none", "modules_to_save": None, "fan_in_fan_out": False,
-              "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
-              "layers_to_transform": None, "layers_pattern": None, "lora_bias": False, "revision": None,
-              "loralab": {"format_version": 1, "method": "adalora", "options": {}, "init": "gaussian"}}
+    config = old_loralab_config("adalora", r=4, alpha=8.0)
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     net = ll.load_adapter(Net("linear"), tmp_path)
     x = net.sample()

@@ -13,6 +13,7 @@ from method_harness import (
     check_save_load,
     check_training_lowers_loss,
 )
+from old_layout import old_loralab_config
 from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -160,13 +161,7 @@ def test_loralab_layout_still_loads(tmp_path, feedforward):
     randomised(net)
     old = {"base_model.model.layer.ia3_l": method.ia3_l.detach().clone()}
     save_file(old, str(tmp_path / "adapter_model.safetensors"))
-    config = {"peft_type": "LORALAB", "task_type": None, "base_model_name_or_path": None, "r": 1, "lora_alpha": 16.0,
-              "lora_dropout": 0.0, "target_modules": ["layer"], "exclude_modules": None, "use_rslora": False,
-              "use_dora": False, "bias": "none", "modules_to_save": None, "fan_in_fan_out": False,
-              "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
-              "layers_to_transform": None, "layers_pattern": None, "lora_bias": False, "revision": None,
-              "loralab": {"format_version": 1, "method": "ia3", "options": {"feedforward": feedforward},
-                          "init": "gaussian"}}
+    config = old_loralab_config("ia3", r=1, alpha=16.0, options={"feedforward": feedforward})
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     x = net.sample()
     loaded = ll.load_adapter(Net("linear"), tmp_path)

@@ -13,6 +13,7 @@ from method_harness import (
     check_save_load,
     check_training_lowers_loss,
 )
+from old_layout import old_loralab_config
 from safetensors.torch import load_file, save_file
 
 import loralab as ll
@@ -160,12 +161,7 @@ def test_old_loralab_layout_still_loads(tmp_path):
     r, factor, c_shape, b_shape, a_shape = OLD[0]
     old = {"lokr_C": torch.randn(c_shape), "lokr_B": torch.randn(b_shape), "lokr_A": torch.randn(a_shape)}
     save_file({f"base_model.model.layer.{k}": v for k, v in old.items()}, str(tmp_path / "adapter_model.safetensors"))
-    config = {"peft_type": "LORALAB", "task_type": None, "base_model_name_or_path": None, "r": r, "lora_alpha": 2,
-              "lora_dropout": 0.0, "target_modules": ["layer"], "exclude_modules": None, "use_rslora": False,
-              "use_dora": False, "bias": "none", "modules_to_save": None, "fan_in_fan_out": False,
-              "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
-              "layers_to_transform": None, "layers_pattern": None, "lora_bias": False, "revision": None,
-              "loralab": {"format_version": 1, "method": "lokr", "options": {"factor": factor}, "init": "gaussian"}}
+    config = old_loralab_config("lokr", r=r, alpha=2, options={"factor": factor})
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     net = ll.load_adapter(Net("linear"), tmp_path)
     (_, method), = methods_of(net, "default")

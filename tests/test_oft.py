@@ -12,6 +12,7 @@ from method_harness import (
     check_save_load,
     check_training_lowers_loss,
 )
+from old_layout import old_loralab_config
 from torch import nn
 
 import loralab as ll
@@ -177,12 +178,7 @@ def test_old_loralab_layout_still_loads(tmp_path):
 
     upper = torch.randn(3, 6) * 0.3
     save_file({"base_model.model.layer.oft_Q": upper}, str(tmp_path / "adapter_model.safetensors"))
-    config = {"peft_type": "LORALAB", "task_type": None, "base_model_name_or_path": None, "r": 3, "lora_alpha": 3,
-              "lora_dropout": 0.0, "target_modules": ["layer"], "exclude_modules": None, "use_rslora": False,
-              "use_dora": False, "bias": "none", "modules_to_save": None, "fan_in_fan_out": False,
-              "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
-              "layers_to_transform": None, "layers_pattern": None, "lora_bias": False, "revision": None,
-              "loralab": {"format_version": 1, "method": "oft", "options": {}, "init": "gaussian"}}
+    config = old_loralab_config("oft", r=3, alpha=3)
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     net = ll.load_adapter(Net12(), tmp_path)
     (_, method), = methods_of(net, "default")

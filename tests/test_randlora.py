@@ -6,16 +6,18 @@ import json
 import pytest
 import torch
 from method_harness import (
+    Stack,
     attached,
     check_forward,
     check_merge_roundtrip,
     check_param_count,
     check_save_load,
     check_training_lowers_loss,
+    randomise_trainables,
 )
+from old_layout import old_loralab_config
 from safetensors.torch import save_file
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 import loralab as ll
 from loralab.model import adapter_names, get_spec
@@ -53,27 +55,6 @@ def test_update_reaches_full_rank():
 
 
 # ---- PEFT's RandLoRA format, both ways ----------------------------------------------------------
-class Stack(nn.Module):
-    """Three layers, nn.Linear or GPT-2's Conv1D: wider than tall (a: 16 → 12), square (b: 12 → 12) and taller
-    than wide (c: 12 → 20), each slicing its block of the shared A [r, 1, 16] and B [20, n, r]."""
-
-    def __init__(self, kind: str = "linear") -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        make = nn.Linear if kind == "linear" else (lambda i, o: Conv1D(o, i))
-        self.a, self.b, self.c = make(16, 12), make(12, 12), make(12, 20)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
-
-
-def randomise_trainables(model: nn.Module) -> None:
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
-
-
 X = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
 # (layer kind, spec fields): the settings that change the saved file, one at a time
 CASES = [
@@ -172,12 +153,7 @@ def test_earlier_loralab_layout_is_refused_clearly(tmp_path):
                for k, shape in (("bases_B", (n, o, r)), ("bases_A", (n, r, i)), ("lora_lambda", (n, r)),
                                 ("lora_gamma", (n, i)))}
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
-    config = {"peft_type": "LORALAB", "task_type": None, "base_model_name_or_path": None, "r": r, "lora_alpha": 16.0,
-              "lora_dropout": 0.0, "target_modules": ["a", "b"], "exclude_modules": None, "use_rslora": False,
-              "use_dora": False, "bias": "none", "modules_to_save": None, "fan_in_fan_out": False,
-              "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
-              "layers_to_transform": None, "layers_pattern": None, "lora_bias": False, "revision": None,
-              "loralab": {"format_version": 1, "method": "randlora", "options": {}, "init": "gaussian"}}
+    config = old_loralab_config("randlora", r=r, alpha=16.0, targets=["a", "b"])
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     net = Stack()
     with pytest.raises(ValueError, match="earlier layout.*one shared A"):

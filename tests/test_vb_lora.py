@@ -11,6 +11,7 @@ from method_harness import (
     check_save_load,
     check_training_lowers_loss,
 )
+from old_layout import old_loralab_config
 from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -125,13 +126,7 @@ def test_old_loralab_layout_still_loads(tmp_path):
         old[f"base_model.model.{path}.logits_A"] = m.vblora_logits_A.reshape(-1, 5)
         old[f"base_model.model.{path}.logits_B"] = m.vblora_logits_B.transpose(0, 1).reshape(-1, 5)
     save_file({k: v.detach().contiguous() for k, v in old.items()}, tmp_path / "adapter_model.safetensors")
-    config = {"peft_type": "LORALAB", "task_type": None, "base_model_name_or_path": None, "r": 2, "lora_alpha": 6,
-              "lora_dropout": 0.0, "target_modules": ["a", "b"], "exclude_modules": None, "use_rslora": False,
-              "use_dora": False, "bias": "none", "modules_to_save": None, "fan_in_fan_out": False,
-              "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
-              "layers_to_transform": None, "layers_pattern": None, "lora_bias": False, "revision": None,
-              "loralab": {"format_version": 1, "method": "vb-lora", "options": {"bank_size": 5, "top_k": 3},
-                          "init": "gaussian"}}
+    config = old_loralab_config("vb-lora", r=2, alpha=6, targets=["a", "b"], options={"bank_size": 5, "top_k": 3})
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     x = torch.randn(3, 5, 8)
     torch.testing.assert_close(ll.load_adapter(Two(), tmp_path)(x), net(x), atol=0, rtol=0)

@@ -5,15 +5,17 @@ import json
 import pytest
 import torch
 from method_harness import (
+    Stack,
     check_forward,
     check_merge_roundtrip,
     check_param_count,
     check_save_load,
     check_training_lowers_loss,
+    randomise_trainables,
 )
+from old_layout import old_loralab_config
 from safetensors.torch import save_file
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 import loralab as ll
 from loralab.model import get_spec, methods_of
@@ -45,27 +47,6 @@ def test_random_bases_shared_and_frozen():
 
 
 # ---- PEFT's VeRA format, both ways -------------------------------------------------------------
-class Stack(nn.Module):
-    """Three layers of different shapes, nn.Linear or GPT-2's Conv1D: each slices its own block of the shared
-    A [r, 16] and B [20, r] (a: 16 → 12, b: 12 → 12, c: 12 → 20)."""
-
-    def __init__(self, kind: str = "linear") -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        make = nn.Linear if kind == "linear" else (lambda i, o: Conv1D(o, i))
-        self.a, self.b, self.c = make(16, 12), make(12, 12), make(12, 20)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
-
-
-def randomise_trainables(model: nn.Module) -> None:
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
-
-
 X = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
 # (layer kind, spec fields): the options that change the saved file, one at a time
 CASES = [
@@ -143,12 +124,7 @@ def test_loralab_layout_still_loads(tmp_path):
     for path, m in methods.items():
         old |= {f"base_model.model.{path}.lora_b": m.vera_lambda_b, f"base_model.model.{path}.lora_d": m.vera_lambda_d}
     save_file({k: v.detach().contiguous() for k, v in old.items()}, str(tmp_path / "adapter_model.safetensors"))
-    config = {"peft_type": "LORALAB", "task_type": None, "base_model_name_or_path": None, "r": 4, "lora_alpha": 16.0,
-              "lora_dropout": 0.0, "target_modules": ["a", "b", "c"], "exclude_modules": None, "use_rslora": False,
-              "use_dora": False, "bias": "none", "modules_to_save": None, "fan_in_fan_out": False,
-              "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
-              "layers_to_transform": None, "layers_pattern": None, "lora_bias": False, "revision": None,
-              "loralab": {"format_version": 1, "method": "vera", "options": {"seed": 1}, "init": "gaussian"}}
+    config = old_loralab_config("vera", r=4, alpha=16.0, targets=["a", "b", "c"], options={"seed": 1})
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     loaded = ll.load_adapter(Stack(), tmp_path)
     torch.testing.assert_close(loaded(X), net(X), atol=0, rtol=0)
