@@ -168,3 +168,26 @@ def randomise_trainables(model: nn.Module) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.5)
+
+
+def check_peft_reads(tmp_path, ours: nn.Module, fresh: Callable[[], nn.Module], x: torch.Tensor) -> None:
+    """PEFT's PeftModel.from_pretrained, on the adapter loralab saves from `ours`, computes what `ours` does."""
+    from peft import PeftModel
+
+    ours.eval()
+    ll.save_adapter(ours, tmp_path)
+    theirs = PeftModel.from_pretrained(fresh(), tmp_path).eval()
+    torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=1e-5)
+
+
+def check_reads_peft(tmp_path, config, fresh: Callable[[], nn.Module], x: torch.Tensor) -> nn.Module:
+    """loralab loads what PEFT saves for `config` (its trainables randomised) and computes the same; returns it."""
+    from peft import get_peft_model
+
+    theirs = get_peft_model(fresh(), config)
+    randomise_trainables(theirs)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path)
+    net = ll.load_adapter(fresh(), tmp_path).eval()
+    torch.testing.assert_close(net(x), theirs(x), atol=1e-5, rtol=1e-5)
+    return net

@@ -11,6 +11,8 @@ from method_harness import (
     check_forward,
     check_merge_roundtrip,
     check_param_count,
+    check_peft_reads,
+    check_reads_peft,
     check_save_load,
     check_training_lowers_loss,
     randomise_trainables,
@@ -94,24 +96,12 @@ def loralab_stack(kind: str, extra: dict) -> nn.Module:
 
 @pytest.mark.parametrize("kind, extra", CASES)
 def test_peft_loads_loralab_randlora(tmp_path, kind, extra):
-    from peft import PeftModel
-
-    net = loralab_stack(kind, extra)
-    ll.save_adapter(net, tmp_path)
-    theirs = PeftModel.from_pretrained(Stack(kind), tmp_path).eval()
-    torch.testing.assert_close(theirs(X), net(X), atol=1e-5, rtol=1e-5)
+    check_peft_reads(tmp_path, loralab_stack(kind, extra), lambda: Stack(kind), X)
 
 
 @pytest.mark.parametrize("kind, extra", CASES)
 def test_loralab_loads_peft_randlora(tmp_path, kind, extra):
-    from peft import get_peft_model
-
-    theirs = get_peft_model(Stack(kind), peft_randlora_config(extra, kind))
-    randomise_trainables(theirs)
-    theirs.eval()
-    theirs.save_pretrained(tmp_path)
-    net = ll.load_adapter(Stack(kind), tmp_path).eval()
-    torch.testing.assert_close(net(X), theirs(X), atol=1e-5, rtol=1e-5)
+    net = check_reads_peft(tmp_path, peft_randlora_config(extra, kind), lambda: Stack(kind), X)
     assert get_spec(net, "default").dropout == extra.get("dropout", 0.0)
 
 

@@ -9,6 +9,8 @@ from method_harness import (
     check_forward,
     check_merge_roundtrip,
     check_param_count,
+    check_peft_reads,
+    check_reads_peft,
     check_save_load,
     check_training_lowers_loss,
     randomise_trainables,
@@ -73,27 +75,15 @@ def peft_vera_config(spec: dict, kind: str = "linear", init_weights: bool = Fals
 
 @pytest.mark.parametrize("kind, extra", CASES)
 def test_peft_loads_loralab_vera(tmp_path, kind, extra):
-    from peft import PeftModel
-
     net = Stack(kind)
     ll.add_adapter(net, ll.AdapterSpec(**{"method": "vera", "r": 4, "targets": ["a", "b", "c"], **extra}))
     randomise_trainables(net)
-    net.eval()
-    ll.save_adapter(net, tmp_path)
-    theirs = PeftModel.from_pretrained(Stack(kind), tmp_path).eval()
-    torch.testing.assert_close(theirs(X), net(X), atol=1e-5, rtol=1e-5)
+    check_peft_reads(tmp_path, net, lambda: Stack(kind), X)
 
 
 @pytest.mark.parametrize("kind, extra", CASES)
 def test_loralab_loads_peft_vera(tmp_path, kind, extra):
-    from peft import get_peft_model
-
-    theirs = get_peft_model(Stack(kind), peft_vera_config(extra, kind))
-    randomise_trainables(theirs)
-    theirs.eval()
-    theirs.save_pretrained(tmp_path)
-    net = ll.load_adapter(Stack(kind), tmp_path).eval()
-    torch.testing.assert_close(net(X), theirs(X), atol=1e-5, rtol=1e-5)
+    net = check_reads_peft(tmp_path, peft_vera_config(extra, kind), lambda: Stack(kind), X)
     assert get_spec(net, "default").dropout == extra.get("dropout", 0.0)
 
 
