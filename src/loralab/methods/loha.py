@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
-from loralab.methods.base import METHODS, AdapterMethod, check_shape
+from loralab.methods.base import METHODS, AdapterMethod, check_shape, refuse_layer_patterns
 from loralab.spec import AdapterSpec
 
 PEFT_KEYS = {"hada_w1_a": "hada_B1", "hada_w1_b": "hada_A1", "hada_w2_a": "hada_B2", "hada_w2_b": "hada_A2"}
@@ -108,9 +108,6 @@ class LoHa(AdapterMethod):
 
     @classmethod
     def spec_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
-        for field in ("rank_pattern", "alpha_pattern"):
-            if config.get(field):
-                raise ValueError(f"this LoHa adapter_config.json sets {field} (per-layer ranks or scales); loralab's "
-                                 "loha has one r and alpha for every layer")
+        refuse_layer_patterns(config, "loha")
         options = {option: float(config.get(option) or 0.0) for option in cls.option_defaults}
         return {"method": "loha", "r": int(config["r"]), "alpha": float(config.get("alpha", 8)), "options": options}

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
-from loralab.methods.base import METHODS, AdapterMethod
+from loralab.methods.base import METHODS, AdapterMethod, refuse_layer_patterns
 from loralab.spec import AdapterSpec
 
 OLD_KEYS = ("lokr_C", "lokr_A", "lokr_B")  # loralab's layout before PEFT's
@@ -143,10 +143,7 @@ class LoKr(AdapterMethod):
 
     @classmethod
     def spec_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
-        for field in ("rank_pattern", "alpha_pattern"):
-            if config.get(field):
-                raise ValueError(f"this LoKr adapter sets {field} (per-layer ranks or scales), which loralab's lokr "
-                                 "does not have; loralab reads LoKr adapters with one r and alpha for every layer")
+        refuse_layer_patterns(config, "lokr")
         factor = config.get("decompose_factor", -1)
         if isinstance(factor, bool) or not isinstance(factor, int) or not (factor == -1 or factor > 0):
             raise ValueError(f"this LoKr adapter has decompose_factor={factor!r}; loralab reads -1 (none) or a "
