@@ -212,3 +212,16 @@ def test_old_loralab_layout_still_loads(tmp_path):
     torch.testing.assert_close(net(x), old(x), atol=0, rtol=0)
     (_, loaded), = methods_of(net, "default")
     assert loaded.rank_mask.tolist() == [1.0, 0.0, 1.0, 1.0]
+
+
+def test_a_pruned_peft_adalora_config_reads_where_per_layer_patterns_are_not_applied(tmp_path):
+    """AdaLoRA's rank_pattern is its masks, read from the tensors: the readers that refuse LoRA's per-layer
+    ranks (serving, inspect) take it."""
+    from loralab.checkpoint import read_config, spec_from_config
+    from loralab.inspect_adapter import summarize
+
+    peft_adalora("linear", prune=True).save_pretrained(tmp_path)
+    config = read_config(tmp_path)
+    assert config["rank_pattern"]
+    assert spec_from_config(config).method == "adalora"
+    assert summarize(tmp_path).method == "adalora"

@@ -215,8 +215,8 @@ def spec_from_config(config: dict[str, Any], per_layer: bool = False) -> Adapter
     if peft_type not in ("LORA", "LORALAB", *formats):
         raise ValueError(f"peft_type {peft_type!r} is not supported; loralab reads "
                          f"{', '.join(['LORA', 'LORALAB', *sorted(formats)])} adapters")
-    for field in ("rank_pattern", "alpha_pattern"):
-        if config.get(field) and not per_layer:
+    for field in ("rank_pattern", "alpha_pattern"):  # LoRA's; a method in a format of its own reads its own
+        if config.get(field) and not per_layer and peft_type not in formats:
             raise ValueError(f"adapter_config.json sets {field} (per-layer ranks or scales), which this reader does "
                              "not handle; loralab.load_adapter does")
     targets = config["target_modules"]
