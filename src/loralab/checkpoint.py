@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loralab.layers import SavedModule
-from loralab.methods.base import METHODS, check_shape
+from loralab.methods.base import METHODS, SavedTensors, check_shape
 from loralab.model import adapted_layers, add_adapter, get_spec, methods_of, remove_adapter, wrappers
 from loralab.rank_pattern import apply_patterns, layer_patterns
 from loralab.spec import AdapterSpec
@@ -272,9 +272,9 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], spec: A
 
     shared_done = False
     for path, method in methods_of(model, name):
-        mine = under(path)
-        read = method.from_saved(mine, where=path)  # None: the keys to_saved names
-        used.update(f"{path}.{k}" for k in (method.to_saved() if read is None else read))
+        mine = SavedTensors(under(path))
+        method.from_saved(mine, where=path)
+        used.update(f"{path}.{k}" for k in mine.read)
         if method.shared is not None and not shared_done:
             prefix = method.shared_prefix.removeprefix(PREFIX)  # as read_tensors left the keys
             for key, t in method.shared.state_dict().items():

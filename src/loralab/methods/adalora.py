@@ -88,13 +88,13 @@ class AdaLoRA(AdapterMethod):
         values = self.values().detach()[:, None]
         return {"lora_A": self.lora_Q.detach(), "lora_B": self.lora_P.detach(), "lora_E": values}
 
-    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> set[str] | None:
+    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Reads PEFT's layout, whose k ≤ r triplets (k < r after PEFT's pruning) fill the first k slots, or
-        loralab's old one (then returns its keys)."""
+        loralab's old one."""
         if "lora_P" in tensors:  # loralab's layout before PEFT's
             targets = {"lora_P": self.lora_P, "lora_Q": self.lora_Q, "lora_E": self.lora_E, "rank_mask": self.rank_mask}
             _copy(targets, tensors, where)
-            return set(targets)
+            return
         k = tensors["lora_E"].shape[0] if "lora_E" in tensors else self.r
         if k > self.r:
             raise ValueError(f"{where}.lora_E holds {k} triplets but the config's init_r is {self.r}")
@@ -102,7 +102,6 @@ class AdaLoRA(AdapterMethod):
         _copy(targets, tensors, where)
         with torch.no_grad():  # the other triplets keep their fresh start (λ = 0), masked
             self.rank_mask.copy_(torch.arange(self.r) < k)
-        return None
 
     @classmethod
     def peft_config(cls, spec: AdapterSpec) -> dict[str, Any]:

@@ -170,9 +170,9 @@ class AdapterMethod(nn.Module):
         buffers = [(n, b) for n, b in self.named_buffers() if n not in self._non_persistent_buffers_set]
         return {name: t.detach() for name, t in [*self.named_parameters(), *buffers] if "." not in name}
 
-    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> set[str] | None:
-        """Load what `to_saved` wrote; `where` names the module in error messages. Returns the keys it
-        read where they are not to_saved's (a method that reads an older layout's names too), else None."""
+    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Load what `to_saved` wrote (or an older layout's names for it); `where` names the module in error
+        messages. The file's keys this never indexes are reported as unexpected (see `SavedTensors`)."""
         own = dict(self.to_saved())
         missing = sorted(set(own) - set(tensors))
         if missing:
@@ -200,6 +200,25 @@ class FactoredMethod(AdapterMethod):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
         return self.through(x, a, self.factor_scale() * b)
+
+
+class SavedTensors(dict):
+    """One module's tensors from an adapter file, as `from_saved` gets them: the keys it reads (by indexing
+    or `get`) are noted in `read`, and the loader refuses a file whose other keys no module read."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__(tensors)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = super().__getitem__(key)
+        self.read.add(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            return default
+        return self[key]  # through __getitem__, which notes the key
 
 
 def refuse_layer_patterns(config: dict[str, Any], method: str) -> None:

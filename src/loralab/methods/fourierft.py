@@ -65,17 +65,17 @@ class FourierFT(AdapterMethod):
         return (self.options["scaling"] * torch.fft.ifft2(spectrum).real).to(c.dtype)
 
     # ---- PEFT's FourierFT format -----------------------------------------------------------
-    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> set[str] | None:
+    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Reads PEFT's `fourierft_spectrum`, or loralab's old layout (`fourier_c` and the frequencies
-        `freq_index`, which must be the ones the seed gives); returns the old layout's keys where it read those."""
+        `freq_index`, which must be the ones the seed gives)."""
         if "fourierft_spectrum" in tensors or "fourier_c" not in tensors:
-            return super().from_saved(tensors, where)
+            super().from_saved(tensors, where)
+            return
         index = tensors.get("freq_index")
         if index is None or not torch.equal(index.to(self.freq_index), self.freq_index):
             raise ValueError(f"{where}.freq_index is missing or is not the frequencies that seed "
                              f"{self.options['seed']} gives (n_frequency={self.options['n_frequency']})")
         super().from_saved({"fourierft_spectrum": tensors["fourier_c"]}, where)
-        return {"fourier_c", "freq_index"}
 
     @classmethod
     def peft_config(cls, spec: AdapterSpec) -> dict[str, Any]:

@@ -107,7 +107,7 @@ class IA3(AdapterMethod):
         l = self.ia3_l.detach()
         return {"ia3_l": l[None] if self.input_side() else l[:, None]}
 
-    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> set[str]:
+    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         if "ia3_l" not in tensors:
             raise ValueError(f"adapter file lacks {where}.ia3_l")
         if self.scales_input is None:
@@ -119,7 +119,6 @@ class IA3(AdapterMethod):
             check_shape(f"{where}.ia3_l", saved.shape, (1, size) if self.scales_input else (size, 1))
         with torch.no_grad():
             self.ia3_l.copy_(saved.reshape(size))
-        return {"ia3_l"}
 
     @classmethod
     def peft_config_for(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any] | None:

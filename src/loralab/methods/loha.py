@@ -81,7 +81,7 @@ class LoHa(AdapterMethod):
     def to_saved(self) -> dict[str, torch.Tensor]:
         return {key: getattr(self, ours).detach() for key, ours in PEFT_KEYS.items()}
 
-    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> set[str]:
+    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         keys = PEFT_KEYS if "hada_w1_a" in tensors else {ours: ours for ours in PEFT_KEYS.values()}  # or the older
         cores = {core for core in CORES if core in tensors}
         missing = sorted(set(keys) - set(tensors))
@@ -96,7 +96,6 @@ class LoHa(AdapterMethod):
                 target = getattr(self, ours)
                 check_shape(f"{where}.{key}", got[key].shape, target.shape)
                 target.copy_(got[key])
-        return set(keys) | cores
 
     @classmethod
     def peft_config(cls, spec: AdapterSpec) -> dict[str, Any]:

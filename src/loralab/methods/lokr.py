@@ -112,10 +112,11 @@ class LoKr(AdapterMethod):
         return (self.scale * y).reshape(*lead, self.o1 * self.o2)
 
     # ---- PEFT's LoKr format ----------------------------------------------------------------
-    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> set[str] | None:
-        """Reads PEFT's keys, or loralab's old layout (whose factor shapes it takes; it returns those keys)."""
+    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Reads PEFT's keys, or loralab's old layout (whose factor shapes it takes)."""
         if "lokr_C" not in tensors:
-            return super().from_saved(tensors, where)
+            super().from_saved(tensors, where)
+            return
         missing = [k for k in OLD_KEYS if k not in tensors]
         if missing:
             raise ValueError(f"adapter file lacks {', '.join(f'{where}.{k}' for k in missing)}")
@@ -130,7 +131,6 @@ class LoKr(AdapterMethod):
         self.to(like).requires_grad_(like.requires_grad)
         right = {"lokr_w2": b @ a} if self.full_right else {"lokr_w2_a": b, "lokr_w2_b": a}
         super().from_saved({"lokr_w1": c, **right}, where)
-        return set(OLD_KEYS)
 
     @classmethod
     def peft_config(cls, spec: AdapterSpec) -> dict[str, Any]:

@@ -153,16 +153,14 @@ class OFT(AdapterMethod):
     def to_saved(self) -> dict[str, torch.Tensor]:
         return {"oft_R.weight": self._peft_sign() * self.oft_Q.detach()}
 
-    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> set[str]:
-        """Reads PEFT's `oft_R.weight`, or `oft_Q` of loralab's old layout (always the exact transform);
-        returns the key it read."""
+    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Reads PEFT's `oft_R.weight`, or `oft_Q` of loralab's old layout (always the exact transform)."""
         key = next((k for k in ("oft_R.weight", "oft_Q") if k in tensors), None)
         if key is None:
             raise ValueError(f"adapter file lacks {where}.oft_R.weight")
         check_shape(f"{where}.{key}", tensors[key].shape, self.oft_Q.shape)
         with torch.no_grad():
             self.oft_Q.copy_(tensors[key] * (self._peft_sign() if key == "oft_R.weight" else 1))
-        return {key}
 
     @classmethod
     def peft_config(cls, spec: AdapterSpec) -> dict[str, Any]:

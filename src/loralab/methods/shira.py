@@ -81,9 +81,9 @@ class SHiRA(AdapterMethod):
         rows, cols = self.mask_index // self.layer.in_features, self.mask_index % self.layer.in_features
         return {"shira_weight": self.shira_values.detach(), "shira_indices": torch.stack([rows, cols]).int()}
 
-    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> set[str] | None:
+    def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Reads PEFT's `shira_weight` and `shira_indices`, or loralab's old layout (`shira_values` and the
-        flat `mask_index`); returns the old layout's keys where it read those."""
+        flat `mask_index`)."""
         old = "shira_values" in tensors and "shira_weight" not in tensors
         keys = ("shira_values", "mask_index") if old else ("shira_weight", "shira_indices")
         missing = [k for k in keys if k not in tensors]
@@ -96,7 +96,6 @@ class SHiRA(AdapterMethod):
         with torch.no_grad():
             self.shira_values.copy_(values)
             self.mask_index.copy_(index if old else index[0] * self.layer.in_features + index[1])
-        return set(keys) if old else None
 
     @classmethod
     def peft_config(cls, spec: AdapterSpec) -> dict[str, Any]:
