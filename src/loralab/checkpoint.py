@@ -115,7 +115,7 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
         "revision": None,
     }
     if method.peft_type not in (None, "LORA"):  # PEFT's own format for the method (BOFT): its fields, not LoRA's
-        fields = method.peft_config_for(spec, [layer.kind for layer in layers.values()])
+        fields = method.peft_config(spec, [layer.kind for layer in layers.values()])
         if fields is not None:  # None: settings that format cannot hold, saved in loralab's layout
             return {**{k: config[k] for k in PEFT_SHARED_FIELDS}, **fields}
     if config["peft_type"] == "LORALAB":

@@ -104,7 +104,7 @@ class AdaLoRA(AdapterMethod):
             self.rank_mask.copy_(torch.arange(self.r) < k)
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec) -> dict[str, Any]:
+    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
         return {"peft_type": "ADALORA", "init_r": spec.r, "lora_alpha": spec.scale * (spec.r + PEFT_RANKNUM_EPS),
                 "lora_dropout": spec.dropout, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
                 "rank_pattern": None, "target_r": max(1, spec.r // 2), "tinit": 0, "tfinal": 0, "deltaT": 1,

@@ -131,16 +131,11 @@ class AdapterMethod(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec) -> dict[str, Any]:
-        """For a `peft_type` other than LORA: PEFT's adapter_config.json fields for this method's settings
-        (`peft_type` included), added to the fields every PEFT config has (targets, bias, …)."""
+    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any] | None:
+        """For a `peft_type` other than LORA: PEFT's adapter_config.json fields for this method's settings on
+        these adapted layers (as make_shared gets them), `peft_type` included, added to the fields every PEFT
+        config has (targets, bias, …); None where PEFT's format cannot hold the settings (saved as LORALAB)."""
         raise NotImplementedError
-
-    @classmethod
-    def peft_config_for(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any] | None:
-        """`peft_config` for these adapted layers (as make_shared gets them), where the fields depend on them;
-        None where PEFT's format for the method cannot hold these settings (then saved as LORALAB)."""
-        return cls.peft_config(spec)
 
     @classmethod
     def spec_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:

@@ -121,16 +121,13 @@ class IA3(AdapterMethod):
             self.ia3_l.copy_(saved.reshape(size))
 
     @classmethod
-    def peft_config_for(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any] | None:
-        """None (loralab's layout) where an output-scaled layer has a bias that l leaves unscaled: PEFT scales it."""
+    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any] | None:
+        """None (loralab's layout) where a layer that may be output-scaled has a bias l leaves unscaled:
+        PEFT scales it."""
         options = {**cls.option_defaults, **spec.options}
-        if options["feedforward"] is False and not options["scale_bias"] and any(k.bias is not None for k in layers):
+        ff = options["feedforward"]
+        if ff is not True and not options["scale_bias"] and any(k.bias is not None for k in layers):
             return None
-        return cls.peft_config(spec)
-
-    @classmethod
-    def peft_config(cls, spec: AdapterSpec) -> dict[str, Any]:
-        ff = {**cls.option_defaults, **spec.options}["feedforward"]
         return {"peft_type": "IA3", "feedforward_modules": ALL if ff is True else [] if ff is False else ff,
                 "init_ia3_weights": True}
 

@@ -126,7 +126,7 @@ class RandLoRA(FactoredMethod):
         return tensors
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec) -> dict[str, Any]:
+    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
         options = {**cls.option_defaults, **spec.options}
         config = {"peft_type": "RANDLORA", "r": spec.r, "randlora_alpha": spec.scale * spec.r,
                   "randlora_dropout": spec.dropout, "projection_prng_key": options["seed"],

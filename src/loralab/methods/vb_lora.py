@@ -145,7 +145,7 @@ class VBLoRA(FactoredMethod):
         return out
 
     @classmethod
-    def peft_config_for(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
+    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
         opts = {**DEFAULTS, **spec.options}
         return {"peft_type": "VBLORA", "r": spec.r, "num_vectors": opts["bank_size"],
                 "vector_length": vector_length(opts["vector_length"], layers), "topk": opts["top_k"],

@@ -101,7 +101,7 @@ class VeRA(FactoredMethod):
         return {key_now(k): t for k, t in tensors.items()}
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec) -> dict[str, Any]:
+    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
         options = {**cls.option_defaults, **spec.options}
         return {"peft_type": "VERA", "r": spec.r, "projection_prng_key": options["seed"],
                 "save_projection": bool(options["save_projection"]), "d_initial": options["d_init"],
