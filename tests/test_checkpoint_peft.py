@@ -5,6 +5,8 @@ classification with a saved head) stand in for the embedded ones; logits must ag
 """
 
 import copy
+import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -121,3 +123,32 @@ def test_merged_export_equals_peft_merge(tmp_path):
     ours = ll.merge_and_unload(copy.deepcopy(model))
     theirs = PeftModel.from_pretrained(llama(), tmp_path).merge_and_unload()
     torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=1e-4)
+
+
+# Every method saved in a PEFT format, with settings its format holds
+PEFT_FORMAT_SPECS = {"lora": {}, "dora": {}, "boft": dict(r=2), "oft": dict(r=2), "loha": {}, "lokr": {},
+                     "ia3": dict(options={"scale_bias": True}), "adalora": {}, "vb-lora": {}, "shira": {},
+                     "fourierft": dict(options={"n_frequency": 8}), "vera": {}, "randlora": {},
+                     "bone": dict(r=2, options={"share": "rows"})}
+
+
+@pytest.mark.parametrize("method", sorted(PEFT_FORMAT_SPECS))
+def test_config_holds_only_fields_peft_knows(tmp_path, method):
+    """PEFT reads each method's config without warning of fields its config class lacks: those every LoRA
+    config has but the method's does not are left out when unused (SHiRA keeps its own "loralab" field)."""
+    from method_harness import Stack
+    from peft import PeftConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    net = Stack()
+    spec = {"r": 4, **PEFT_FORMAT_SPECS[method], "targets": ["a", "b", "c"]}
+    ll.add_adapter(net, ll.AdapterSpec(method=method, **spec))
+    ll.save_adapter(net, tmp_path)
+    config = ll.read_config(tmp_path)
+    known = {f.name for f in dataclasses.fields(PEFT_TYPE_TO_CONFIG_MAPPING[config["peft_type"]])}
+    unknown = sorted(set(config) - known)
+    assert unknown == (["loralab"] if method == "shira" else [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftConfig.from_pretrained(tmp_path)
+    assert sum("Unexpected keyword arguments" in str(w.message) for w in caught) == (1 if unknown else 0)

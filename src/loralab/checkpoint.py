@@ -36,7 +36,11 @@ PREFIX = "base_model.model."
 FORMAT_VERSION = 1
 PEFT_SHARED_FIELDS = ("task_type", "base_model_name_or_path", "target_modules", "exclude_modules", "bias",
                       "modules_to_save", "fan_in_fan_out", "inference_mode", "layers_to_transform", "layers_pattern",
-                      "revision")  # what every PEFT config has, whatever its peft_type
+                      "revision")  # what PEFT's LoRA config has and most other types' too
+# Each field's value when unused: a method whose PEFT config lacks the field (`peft_lacks`) has it left out
+# then, as PEFT warns of unexpected fields; a value that does something is written all the same.
+UNUSED = {"exclude_modules": None, "bias": "none", "fan_in_fan_out": False, "layers_to_transform": None,
+          "layers_pattern": None}
 TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
 
@@ -117,7 +121,9 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
     if method.peft_type not in (None, "LORA"):  # PEFT's own format for the method (BOFT): its fields, not LoRA's
         fields = method.peft_config(spec, [layer.kind for layer in layers.values()])
         if fields is not None:  # None: settings that format cannot hold, saved in loralab's layout
-            return {**{k: config[k] for k in PEFT_SHARED_FIELDS}, **fields}
+            shared = {k: config[k] for k in PEFT_SHARED_FIELDS
+                      if not (k in method.peft_lacks and k in UNUSED and config[k] == UNUSED[k])}
+            return {**shared, **fields}
     if config["peft_type"] == "LORALAB":
         config["loralab"] = {"format_version": FORMAT_VERSION, "method": spec.method,
                              "options": spec.options, "init": spec.init}

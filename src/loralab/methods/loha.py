@@ -44,6 +44,7 @@ class LoHa(AdapterMethod):
     paper = "2108.06098"
     param_formula = "2·r·(in + out)"
     peft_type = "LOHA"
+    peft_lacks = ("bias", "fan_in_fan_out")
     option_defaults = {"rank_dropout": 0.0, "module_dropout": 0.0}
 
     def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:

@@ -54,6 +54,7 @@ class LoKr(AdapterMethod):
     param_formula = ("o₁·i₁ + r·(o₂ + i₂), out = o₁·o₂, in = i₁·i₂ (o₂·i₂ where r ≥ max(o₂, i₂)/2; "
                      "r·(o₁ + i₁) with decompose_both where r < max(o₁, i₁)/2)")
     peft_type = "LOKR"
+    peft_lacks = ("bias", "fan_in_fan_out")
     layer_kinds = ("linear", "hf-conv1d")
     option_defaults = {"factor": None, "decompose_both": False}
 

@@ -68,6 +68,7 @@ class RandLoRA(FactoredMethod):
     suggested_lr = 0.003
     param_formula = "n·(r + min(in, out)), n = ⌈min(in, out)/r⌉"
     peft_type = "RANDLORA"
+    peft_lacks = ("exclude_modules",)
     shared_prefix = "base_model."
     option_defaults = {"num_bases": None, "seed": 0, "sparse": False, "very_sparse": False, "save_projection": True}
 

@@ -40,6 +40,7 @@ class SHiRA(AdapterMethod):
     paper = "2406.13175"
     param_formula = "⌈density·out·in⌉, or r·(in + out) with density None"
     peft_type = "SHIRA"
+    peft_lacks = ("bias", "exclude_modules", "layers_pattern", "layers_to_transform")
     suggested_lr = 3e-3
     option_defaults = {"density": 0.01, "mask": "random", "seed": 0}
 

@@ -44,6 +44,7 @@ class VeRA(FactoredMethod):
     paper = "2310.11454"
     param_formula = "out + r"
     peft_type = "VERA"
+    peft_lacks = ("exclude_modules",)
     shared_prefix = "base_model."
     suggested_lr = 1e-2
     option_defaults = {"seed": 0, "d_init": 0.1, "save_projection": True}
