@@ -225,3 +225,40 @@ def test_a_pruned_peft_adalora_config_reads_where_per_layer_patterns_are_not_app
     assert config["rank_pattern"]
     assert spec_from_config(config).method == "adalora"
     assert summarize(tmp_path).method == "adalora"
+
+
+def test_masks_are_saved_as_peft_saves_them(tmp_path):
+    """A pruned layer's file holds only its kept triplets and the config's rank_pattern every layer's mask (as
+    PEFT's save_pretrained writes them); PEFT and loralab read it back with those ranks and the same outputs."""
+    from method_harness import Stack
+    from peft import PeftModel
+
+    net = Stack()
+    ll.add_adapter(net, ll.AdapterSpec(**{**SPEC, "targets": ["a", "b"]}))
+    methods = dict(methods_of(net, "default"))
+    with torch.no_grad():
+        for method in methods.values():
+            for p in (method.lora_P, method.lora_Q, method.lora_E):
+                p.normal_(0, 0.5)
+        methods["a"].rank_mask.copy_(torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    ll.save_adapter(net, tmp_path)
+    config = ll.read_config(tmp_path)
+    assert config["rank_pattern"] == {"a.lora_E": [False, True, False, True], "b.lora_E": [True] * 4}
+    tensors = ll.read_tensors(tmp_path)
+    torch.testing.assert_close(tensors["a.lora_E"][:, 0], methods["a"].lora_E.detach()[[1, 3]])
+    torch.testing.assert_close(tensors["a.lora_A"], methods["a"].lora_Q.detach()[[1, 3]])
+    assert tensors["b.lora_E"].shape == (4, 1)
+    x = torch.randn(3, 16)
+    theirs = PeftModel.from_pretrained(Stack(), tmp_path).eval()
+    assert theirs.base_model.model.a.lora_E["default"].shape == (2, 1)
+    torch.testing.assert_close(theirs(x), net(x), atol=1e-5, rtol=1e-5)
+    again = ll.load_adapter(Stack(), tmp_path)
+    torch.testing.assert_close(again(x), net(x), atol=1e-5, rtol=1e-5)
+    assert [m.active_rank() for _, m in methods_of(again, "default")] == [2, 4]
+
+
+def test_unpruned_adapter_writes_no_rank_pattern(tmp_path):
+    net = randomized(Net("linear"))
+    ll.save_adapter(net, tmp_path, name="a")
+    assert ll.read_config(tmp_path)["rank_pattern"] is None
+    assert ll.read_tensors(tmp_path)["layer.lora_E"].shape == (4, 1)

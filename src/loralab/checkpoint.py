@@ -119,7 +119,7 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
         "revision": None,
     }
     if method.peft_type not in (None, "LORA"):  # PEFT's own format for the method (BOFT): its fields, not LoRA's
-        fields = method.peft_config(spec, [layer.kind for layer in layers.values()])
+        fields = method.peft_config(spec, dict(methods_of(model, name)))
         if fields is not None:  # None: settings that format cannot hold, saved in loralab's layout
             shared = {k: config[k] for k in PEFT_SHARED_FIELDS
                       if not (k in method.peft_lacks and k in UNUSED and config[k] == UNUSED[k])}

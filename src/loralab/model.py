@@ -330,10 +330,3 @@ def methods_of(model: nn.Module, name: str) -> Iterator[tuple[str, AdapterMethod
         yield path, layer.adapters[name]
 
 
-def adapter_state_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Every tensor adapter `name` owns, keyed by module path (as the checkpoint names them)."""
-    out = {}
-    for path, method in methods_of(model, name):
-        for key, t in method.to_saved().items():
-            out[f"{path}.{key}"] = t
-    return out

@@ -4,20 +4,20 @@ P ∈ R^{out×r} and Q ∈ R^{r×in} are kept near-orthogonal by a regulariser, 
 "singular values" (zero at init, so the output starts unchanged) and m is a 0/1 mask that
 rank schedules (`rank_schedule="adalora"` prunes, `"increlora"` grows) set per triplet.
 
-Saved in PEFT's AdaLoRA format: `lora_A` [r, in] holds Q, `lora_B` [out, r] P and `lora_E` [r, 1] λ ⊙ m;
-`init_r` is r. PEFT scales by lora_alpha / (ranknum + 1e-5), ranknum = init_r, so loralab writes
-lora_alpha = s·(r + 1e-5) and reads s = lora_alpha / (init_r + 1e-5) (an rsLoRA scale too: PEFT's AdaLoRA
-ignores use_rslora). PEFT's schedule fields (target_r, tinit, tfinal, deltaT, beta1, beta2, orth_reg_weight,
-total_step) configure its RankAllocator, not the adapter, and loralab's schedule takes its own from
-TrainConfig.rank_options: they are written as PEFT's defaults (but target_r = r // 2, loralab's default
-target_rank, as PEFT's 8 may exceed r, and total_step, which PEFT requires, = 1) and ignored on reading.
-Masks: PEFT's `rank_pattern` (per-layer booleans; the file then holds only the kept triplets) is read with
-the kept triplets first in the layer (their order does not change the output; IncreLoRA grows masks from
-the front). loralab writes every triplet, a masked one with λ = 0 as PEFT's masking leaves it, and no
-rank_pattern (the config is written from the spec, which holds no masks): a reloaded adapter gives the
-same outputs but has every triplet active (option init_rank is not saved either), a masked triplet's λ
-lost. Files of loralab's old layout (`lora_P`, `lora_Q`, `lora_E` [r], `rank_mask`; peft_type LORALAB)
-are read too, masks included.
+Saved in PEFT's AdaLoRA format: `lora_A` [k, in] holds Q, `lora_B` [out, k] P and `lora_E` [k, 1] λ for
+the k ≤ r triplets the mask keeps; `init_r` is r. PEFT scales by lora_alpha / (ranknum + 1e-5), ranknum = init_r, so
+loralab writes lora_alpha = s·(r + 1e-5) and reads s = lora_alpha / (init_r + 1e-5) (an rsLoRA scale too:
+PEFT's AdaLoRA ignores use_rslora). PEFT's schedule fields (target_r, tinit, tfinal, deltaT, beta1, beta2,
+orth_reg_weight, total_step) configure its RankAllocator, not the adapter, and loralab's schedule takes its
+own from TrainConfig.rank_options: they are written as PEFT's defaults (but target_r = r // 2, loralab's
+default target_rank, as PEFT's 8 may exceed r, and total_step, which PEFT requires, = 1) and ignored on
+reading.
+Masks: as PEFT does, a layer's file holds only the triplets its mask keeps, and where any layer is pruned
+the config's `rank_pattern` gives every layer's mask (booleans over the init_r slots, keyed
+`<module path>.lora_E`). Read back (loralab's files or PEFT's), the kept triplets come first in the layer
+and the rest are masked with a fresh start (their order does not change the output; IncreLoRA grows
+masks from the front): a masked triplet's P, Q and λ are not kept. Files of loralab's old layout
+(`lora_P`, `lora_Q`, `lora_E` [r], `rank_mask`; peft_type LORALAB) are read too, masks included.
 PEFT's AdaLoRA takes nn.Linear, GPT-2's Conv1D and nn.Conv2d: an AdaLoRA on nn.Embedding, nn.Conv1d or
 nn.Conv3d is read by loralab alone.
 """
@@ -84,9 +84,15 @@ class AdaLoRA(AdapterMethod):
         return int(self.rank_mask.sum())
 
     # ---- PEFT's AdaLoRA format -------------------------------------------------------------
+    def kept(self) -> list[bool]:
+        """Which triplets the mask keeps, as PEFT's rank_pattern lists them."""
+        return self.rank_mask.bool().tolist()
+
     def to_saved(self) -> dict[str, torch.Tensor]:
-        values = self.values().detach()[:, None]
-        return {"lora_A": self.lora_Q.detach(), "lora_B": self.lora_P.detach(), "lora_E": values}
+        """The kept triplets only, as PEFT saves a pruned layer (with every one kept: all r)."""
+        keep = self.rank_mask.bool()
+        q, p, e = self.lora_Q.detach(), self.lora_P.detach(), self.lora_E.detach()
+        return {"lora_A": q[keep], "lora_B": p[:, keep], "lora_E": e[keep, None]}
 
     def from_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Reads PEFT's layout, whose k ≤ r triplets (k < r after PEFT's pruning) fill the first k slots, or
@@ -104,11 +110,13 @@ class AdaLoRA(AdapterMethod):
             self.rank_mask.copy_(torch.arange(self.r) < k)
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
+    def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any]:
+        masks = {f"{path}.lora_E": method.kept() for path, method in adapted.items()}
+        pruned = any(not all(kept) for kept in masks.values())
         return {"peft_type": "ADALORA", "init_r": spec.r, "lora_alpha": spec.scale * (spec.r + PEFT_RANKNUM_EPS),
                 "lora_dropout": spec.dropout, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-                "rank_pattern": None, "target_r": max(1, spec.r // 2), "tinit": 0, "tfinal": 0, "deltaT": 1,
-                "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5, "total_step": 1}
+                "rank_pattern": masks if pruned else None, "target_r": max(1, spec.r // 2), "tinit": 0, "tfinal": 0,
+                "deltaT": 1, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5, "total_step": 1}
 
     @classmethod
     def spec_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:

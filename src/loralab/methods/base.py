@@ -132,10 +132,10 @@ class AdapterMethod(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any] | None:
-        """For a `peft_type` other than LORA: PEFT's adapter_config.json fields for this method's settings on
-        these adapted layers (as make_shared gets them), `peft_type` included, added to the fields every PEFT
-        config has (targets, bias, …); None where PEFT's format cannot hold the settings (saved as LORALAB)."""
+    def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any] | None:
+        """For a `peft_type` other than LORA: PEFT's adapter_config.json fields for this adapter (its methods by
+        module path), `peft_type` included, added to the fields every PEFT config has (targets, bias, …);
+        None where PEFT's format cannot hold the settings (then saved as LORALAB)."""
         raise NotImplementedError
 
     @classmethod

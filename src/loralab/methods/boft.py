@@ -123,7 +123,7 @@ class BOFT(AdapterMethod):
             self.boft_s.copy_(tensors["boft_s"][:, 0])
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
+    def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any]:
         options = {**cls.option_defaults, **spec.options}
         size = options["block_size"]
         return {"peft_type": "BOFT", "boft_block_size": size or 0, "boft_block_num": 0 if size else spec.r,

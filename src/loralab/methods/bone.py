@@ -77,7 +77,7 @@ class Bone(AdapterMethod):
         return {self.saved_key(): self.bone_B.detach()}
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any] | None:
+    def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any] | None:
         if {**cls.option_defaults, **spec.options}["share"] == "columns":
             return None  # MiSS has no column-shared variant: loralab's layout
         return {"peft_type": "MISS", "r": spec.r, "init_weights": "bat", "mini_r": 1, "miss_dropout": spec.dropout,

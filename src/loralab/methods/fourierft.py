@@ -78,7 +78,7 @@ class FourierFT(AdapterMethod):
         super().from_saved({"fourierft_spectrum": tensors["fourier_c"]}, where)
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
+    def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any]:
         options = {**cls.option_defaults, **spec.options}
         return {"peft_type": "FOURIERFT", "n_frequency": options["n_frequency"], "scaling": options["scaling"],
                 "random_loc_seed": options["seed"], "n_frequency_pattern": {}, "init_weights": True,

@@ -122,12 +122,12 @@ class IA3(AdapterMethod):
             self.ia3_l.copy_(saved.reshape(size))
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any] | None:
+    def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any] | None:
         """None (loralab's layout) where a layer that may be output-scaled has a bias l leaves unscaled:
         PEFT scales it."""
         options = {**cls.option_defaults, **spec.options}
         ff = options["feedforward"]
-        if ff is not True and not options["scale_bias"] and any(k.bias is not None for k in layers):
+        if ff is not True and not options["scale_bias"] and any(m.layer.bias is not None for m in adapted.values()):
             return None
         return {"peft_type": "IA3", "feedforward_modules": ALL if ff is True else [] if ff is False else ff,
                 "init_ia3_weights": True}

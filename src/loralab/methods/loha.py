@@ -99,7 +99,7 @@ class LoHa(AdapterMethod):
                 target.copy_(got[key])
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
+    def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any]:
         options = {**cls.option_defaults, **spec.options}
         alpha = spec.alpha * math.sqrt(spec.r) if spec.rslora else spec.alpha  # PEFT's scale is alpha / r
         return {"peft_type": "LOHA", "r": spec.r, "alpha": alpha,

@@ -134,7 +134,7 @@ class LoKr(AdapterMethod):
         super().from_saved({"lokr_w1": c, **right}, where)
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
+    def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any]:
         options = {**cls.option_defaults, **spec.options}
         alpha = spec.alpha * math.sqrt(spec.r) if spec.rslora else spec.alpha  # PEFT's scale is alpha / r
         return {"peft_type": "LOKR", "r": spec.r, "alpha": alpha, "rank_pattern": {}, "alpha_pattern": {},

@@ -163,7 +163,7 @@ class OFT(AdapterMethod):
             self.oft_Q.copy_(tensors[key] * (self._peft_sign() if key == "oft_R.weight" else 1))
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
+    def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any]:
         options = {**cls.option_defaults, **spec.options}
         size, terms = options["block_size"], options["neumann_terms"]
         return {"peft_type": "OFT", "r": 0 if size else spec.r, "oft_block_size": size or 0,

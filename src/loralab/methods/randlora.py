@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
-from loralab.methods.base import METHODS, FactoredMethod
+from loralab.methods.base import METHODS, AdapterMethod, FactoredMethod
 from loralab.spec import AdapterSpec
 
 
@@ -127,7 +127,7 @@ class RandLoRA(FactoredMethod):
         return tensors
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
+    def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any]:
         options = {**cls.option_defaults, **spec.options}
         config = {"peft_type": "RANDLORA", "r": spec.r, "randlora_alpha": spec.scale * spec.r,
                   "randlora_dropout": spec.dropout, "projection_prng_key": options["seed"],

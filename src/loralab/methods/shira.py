@@ -99,7 +99,7 @@ class SHiRA(AdapterMethod):
             self.mask_index.copy_(index if old else index[0] * self.layer.in_features + index[1])
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
+    def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any]:
         options = {**cls.option_defaults, **spec.options}
         config = {"peft_type": "SHIRA", "r": spec.r, "mask_type": options["mask"], "random_seed": options["seed"],
                   "init_weights": True}

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
-from loralab.methods.base import METHODS, FactoredMethod
+from loralab.methods.base import METHODS, AdapterMethod, FactoredMethod
 from loralab.spec import AdapterSpec
 
 DEFAULTS = {"bank_size": 256, "vector_length": "auto", "top_k": 2, "seed": 0, "bank_bound": 0.02,
@@ -145,8 +145,8 @@ class VBLoRA(FactoredMethod):
         return out
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
-        opts = {**DEFAULTS, **spec.options}
+    def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any]:
+        opts, layers = {**DEFAULTS, **spec.options}, [m.layer for m in adapted.values()]
         return {"peft_type": "VBLORA", "r": spec.r, "num_vectors": opts["bank_size"],
                 "vector_length": vector_length(opts["vector_length"], layers), "topk": opts["top_k"],
                 "save_only_topk_weights": False, "vblora_dropout": spec.dropout,

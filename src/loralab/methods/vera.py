@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
-from loralab.methods.base import METHODS, FactoredMethod
+from loralab.methods.base import METHODS, AdapterMethod, FactoredMethod
 from loralab.spec import AdapterSpec
 
 
@@ -102,7 +102,7 @@ class VeRA(FactoredMethod):
         return {key_now(k): t for k, t in tensors.items()}
 
     @classmethod
-    def peft_config(cls, spec: AdapterSpec, layers: list[LayerKind]) -> dict[str, Any]:
+    def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any]:
         options = {**cls.option_defaults, **spec.options}
         return {"peft_type": "VERA", "r": spec.r, "projection_prng_key": options["seed"],
                 "save_projection": bool(options["save_projection"]), "d_initial": options["d_init"],
