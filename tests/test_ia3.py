@@ -54,8 +54,12 @@ def test_scale_bias_scales_the_whole_output(kind):
     with ll.disabled(net):
         base = net(x)
     torch.testing.assert_close(net(x), base * method.ia3_l)
-    with pytest.raises(ValueError, match="scale_bias=True scales the layer's bias"):
-        ll.merge(net, "a")
+    bias0 = net.layer.base_layer.bias.detach().clone()
+    check_merge_roundtrip(ll.AdapterSpec(method="ia3", r=1, targets=["layer"], options={"scale_bias": True}), [kind])
+    ll.merge(net, "a")  # the bias is scaled with the weight
+    torch.testing.assert_close(net.layer.base_layer.bias.detach(), bias0 * method.ia3_l.detach())
+    ll.unmerge(net)
+    torch.testing.assert_close(net.layer.base_layer.bias.detach(), bias0)
 
 
 # ---- PEFT's IA3 format, both ways ----------------------------------------------------------------
@@ -112,6 +116,23 @@ def test_loralab_loads_peft_ia3(tmp_path, kind, feedforward):
     ll.save_adapter(net, tmp_path / "again")  # back to PEFT, module names and all
     again = PeftModel.from_pretrained(Pair(kind), tmp_path / "again").eval()
     torch.testing.assert_close(again(X), theirs(X), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merged_model_equals_peft_merged(tmp_path, kind):
+    """PEFT's merge_and_unload scales the bias of an output-scaled layer too: loralab's merged weights and
+    biases are PEFT's."""
+    from peft import IA3Config, get_peft_model
+
+    config = IA3Config(target_modules=["a", "b"], feedforward_modules=["b"], fan_in_fan_out=kind != "linear",
+                       init_ia3_weights=False)
+    theirs = get_peft_model(Pair(kind), config).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = ll.merge_and_unload(ll.load_adapter(Pair(kind), tmp_path))
+    want = theirs.merge_and_unload().state_dict()
+    assert not torch.equal(want["a.bias"], Pair(kind).a.bias)
+    for key, t in ours.state_dict().items():
+        torch.testing.assert_close(t, want[key], atol=1e-6, rtol=1e-6, msg=key)
 
 
 def test_file_has_peft_keys_and_fields(tmp_path):

@@ -56,6 +56,7 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         self.row_plan: RowPlan | None = None
         self._backups: dict[str, torch.Tensor] = {}
+        self._bias_backups: dict[str, torch.Tensor] = {}  # of adapters whose merge changes the bias
         self._live: list[AdapterMethod] = []
         self._needs_base = False
         self.siblings: SiblingGroup | None = None  # set by loralab.siblings.link_siblings
@@ -149,6 +150,11 @@ class AdaptedLayer(nn.Module):
         # on a 16-bit W, and the result is rounded once, into W
         wide = torch.promote_types(weight.dtype, torch.float32)
         merged = method.merged_weight(self.kind.matrix(weight.detach()).to(wide, copy=True))
+        bias = self.kind.bias
+        new_bias = None if bias is None else method.merged_bias(bias.detach())
+        if new_bias is not None:
+            self._bias_backups[name] = bias.detach().clone()
+            bias.copy_(new_bias)
         weight.copy_(self.kind.to_weight(merged))
         self.merged.append(name)
         self._refresh()
@@ -158,6 +164,8 @@ class AdaptedLayer(nn.Module):
         weight = self.kind.weight
         while self.merged:
             name = self.merged.pop()
+            if name in self._bias_backups:
+                self.kind.bias.copy_(self._bias_backups.pop(name))
             if name in self._backups:
                 weight.copy_(self._backups.pop(name))
             else:

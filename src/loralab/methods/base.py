@@ -123,6 +123,10 @@ class AdapterMethod(nn.Module):
         """The canonical weight with this adapter folded in."""
         return weight + self.delta_weight().to(weight.dtype)
 
+    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor | None:
+        """The layer's bias with this adapter folded in, where the adapter changes it (else None)."""
+        return None
+
     # ---- bookkeeping -----------------------------------------------------------------------
     def attach(self, host: nn.Module) -> None:
         """Called with the AdaptedLayer that now holds this method (routers look their experts up there)."""

@@ -3,8 +3,7 @@
 A trained vector rescales the layer: its output, y = l ⊙ (W x) + b, or — for feed-forward
 down-projections (option `feedforward=True`) — its input, y = W (l ⊙ x) + b. l starts at one.
 Non-additive: merging scales W's rows (or columns). The bias is not scaled, unless option
-`scale_bias=True`: then y = l ⊙ (W x + b), as PEFT computes it; loralab merges weights only, so such
-a layer with a bias cannot be merged.
+`scale_bias=True`: then y = l ⊙ (W x + b), as PEFT computes it (merging then scales the bias too).
 
 Option `feedforward` may also name the feed-forward modules, as PEFT's `feedforward_modules` does
 (a list of name endings, or a regex the full name must match); a layer learns which it is only when
@@ -93,10 +92,10 @@ class IA3(AdapterMethod):
         return weight * self.ia3_l if self.input_side() else weight * self.ia3_l[:, None]
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.scaled_bias() is not None:
-            raise ValueError("ia3 with scale_bias=True scales the layer's bias, which merging (of weights only) "
-                             "cannot do: keep it unmerged")
         return self.scaled(weight)
+
+    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor | None:
+        return None if self.scaled_bias() is None else bias * self.ia3_l.to(bias.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The change to W (with scale_bias, the bias changes too: by (l − 1) ⊙ b)."""
