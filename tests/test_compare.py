@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from loralab.train.compare import GRIDS, compare, next_rate, sweep
+from loralab.train.compare import GRIDS, compare, next_rate, parse_variant, sweep
 
 
 @pytest.mark.slow
@@ -43,6 +43,23 @@ def test_compare_does_not_depend_on_the_callers_random_state(tmp_path):
 def test_unknown_method_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="did you mean: lora"):
         compare("minilm-l6", "sst2", ["lroa"], str(tmp_path))
+
+
+def test_a_variant_trains_with_its_options(tmp_path):
+    rows = compare("minilm-l6", "sst2", ["uni-lora:dim=64", "uni-lora:dim=96:start=uniform"], str(tmp_path),
+                   budget=2, lr_grid=1, batch_size=8, max_train=16, dev_size=8, max_test=8, progress=False)
+    assert [row.method for row in rows] == ["uni-lora:dim=64", "uni-lora:dim=96:start=uniform"]
+    assert rows[1].trainable_params - rows[0].trainable_params == 32  # one θ of each size, the same head
+
+
+def test_variant_options_are_parsed_and_checked():
+    assert parse_variant("bone:share=rows") == ("bone", {"share": "rows"})
+    assert parse_variant("uni-lora:dim=64:seed=3") == ("uni-lora", {"dim": 64, "seed": 3})
+    assert parse_variant("lora") == ("lora", {})
+    with pytest.raises(ValueError, match="bone has no option 'shar'; it takes: share"):
+        parse_variant("bone:shar=rows")
+    with pytest.raises(ValueError, match="'share' is not key=value"):
+        parse_variant("bone:share")
 
 
 def test_rate_ladder_continues_the_grids():

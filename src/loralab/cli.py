@@ -365,7 +365,9 @@ def squeeze(args: argparse.Namespace) -> int:
 def compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="minilm-l6", help="embedded model or local HF folder")
     p.add_argument("--task", default="sst2", help="built-in classification task")
-    p.add_argument("--methods", required=True, help="comma-separated method names")
+    p.add_argument("--methods", required=True,
+                   help="comma-separated method names; a variant with options as name:key=value[:key=value], "
+                        "e.g. bone:share=rows")
     p.add_argument("--budget", type=int, default=100, help="training steps per run")
     p.add_argument("--lr-grid", type=int, default=3, choices=[1, 3, 5], help="learning rates per method")
     p.add_argument("--extend", type=int, default=2,

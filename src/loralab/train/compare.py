@@ -6,6 +6,7 @@ The sweep is centred on each method's `suggested_lr`; the best learning rate is 
 dev split held out from the training rows, and while it lies at the edge of the rates tried the
 sweep goes on past that edge (up to `extend` more rates, along the same 1-3-10 ladder), so a
 method whose suggested rate is off is not judged at a rate it would not be trained at. The
+A method may be given with options as a variant of its own row, "uni-lora:start=uniform". The
 table reports the test metric at the best rate (marked when it is still at an edge), the
 trainable parameters, the median step time and the activation memory a training step keeps for
 backward. Results go to results.csv, results.md and results.png, rewritten after each method,
@@ -72,14 +73,33 @@ def sweep(score: Callable[[float], float], grid: list[float], extend: int) -> tu
     return best, len(scores) > 1 and best in (min(scores), max(scores)), scores
 
 
+def parse_variant(entry: str) -> tuple[str, dict]:
+    """A `methods` entry: a method name, or a variant with options, "uni-lora:start=uniform:dim=2048"
+    (values read as JSON where they can be: numbers, true/false), checked against the method's options."""
+    name, *pairs = entry.split(":")
+    cls = METHODS.get(name)  # an unknown name lists close matches
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"method variant {entry!r}: {pair!r} is not key=value")
+        if key not in cls.option_defaults:
+            allowed = ", ".join(sorted(cls.option_defaults)) or "none"
+            raise ValueError(f"method variant {entry!r}: {name} has no option {key!r}; it takes: {allowed}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
+
+
 def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int = 100, lr_grid: int = 3,
             r: int = 8, batch_size: int = 16, max_train: int = 3000, dev_size: int = 300, max_test: int | None = None,
             seed: int = 0, progress: bool = True, resume: bool = False, extend: int = 2, device: str = "auto",
             precision: str = "fp32") -> list[Row]:
     if lr_grid not in GRIDS:
         raise ValueError(f"lr_grid must be one of {sorted(GRIDS)}, got {lr_grid}")
-    for m in methods:
-        METHODS.get(m)  # unknown names fail before any training
+    variants = {m: parse_variant(m) for m in methods}  # unknown names and options fail before any training
     settings = {"base": base, "task": task, "budget": budget, "lr_grid": lr_grid, "r": r, "batch_size": batch_size,
                 "max_train": max_train, "dev_size": dev_size, "max_test": max_test, "seed": seed, "extend": extend,
                 "device": resolve_device(device).type, "precision": precision}
@@ -99,15 +119,17 @@ def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int 
     dev = make_examples(data.kind, data.train[max_train:], tok, 128)
     test = make_examples(data.kind, data.test, tok, 128)
     pad = partial(collate, pad_token_id=tok.pad_token_id)
-    for method in methods:
+    for entry in methods:
+        method, options = variants[entry]
         centre = METHODS.get(method).suggested_lr
         kept: dict = {}  # only the best run so far keeps its model (a sweep may train five)
 
-        def run(factor: float, method: str = method, centre: float = centre, kept: dict = kept) -> float:
+        def run(factor: float, method: str = method, options: dict = options, centre: float = centre,
+                kept: dict = kept) -> float:
             model = copy.deepcopy(base_model)
             torch.manual_seed(seed)
-            spec = with_head(AdapterSpec(method=method, r=r, alpha=2 * r, targets="all-linear"), model, data)
-            add_adapter(model, spec)
+            spec = AdapterSpec(method=method, r=r, alpha=2 * r, targets="all-linear", options=options)
+            add_adapter(model, with_head(spec, model, data))
             config = TrainConfig(lr=centre * factor, batch_size=batch_size, max_steps=budget,
                                  warmup_steps=budget // 10, seed=seed, progress=progress, log_every=budget,
                                  rank_schedule=METHODS.get(method).rank_schedule, precision=precision)
@@ -124,11 +146,11 @@ def compare(base: str, task: str, methods: list[str], out_dir: str, budget: int 
         model.train()
         memory = saved_tensor_megabytes(lambda m=model, b=batch: compute_loss(m, b, data.kind)[0])
         step_ms = 1000 * trainer.history[-1]["elapsed_s"] / budget
-        rows.append(Row(method, lr, score, evaluate(model, test, data.kind, 128, pad, precision=precision)["accuracy"],
+        rows.append(Row(entry, lr, score, evaluate(model, test, data.kind, 128, pad, precision=precision)["accuracy"],
                         trainable_parameters(model).trainable, step_ms, memory, at_edge))
         write_results(rows, Path(out_dir), f"{task} accuracy", settings)  # a cut-off run keeps its rows
         if progress:
-            print(f"{method}: test accuracy {rows[-1].test_metric:.4f} at lr {lr:g}")
+            print(f"{entry}: test accuracy {rows[-1].test_metric:.4f} at lr {lr:g}")
     return rows
 
 
