@@ -108,7 +108,10 @@ class VBLoRA(FactoredMethod):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.assemble(self.vblora_logits_A).reshape(self.r, self.layer.in_features)
-        b = self.assemble(self.vblora_logits_B).transpose(1, 2).reshape(self.layer.out_features, self.r)
+        # B assembled rank-major over a view of the logits ([r, out/b, b]) and returned as the transpose of
+        # its [r, out]: no copy, and with B column-major the backward's two products with it (dy·B, dyᵀ·xAᵀ)
+        # ran 2-2.8x faster on the CPU (MKL, r=8) than with a row-major [out, r] B
+        b = self.assemble(self.vblora_logits_B.transpose(0, 1)).reshape(self.r, self.layer.out_features).T
         return a, b
 
     # ---- PEFT's VBLORA format --------------------------------------------------------------
