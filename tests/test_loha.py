@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import loralab as ll
+from loralab.model import methods_of
 
 SPEC = dict(method="loha", r=2, alpha=4, targets=["layer"])
 
@@ -131,13 +132,26 @@ def test_file_has_peft_keys_and_fields(tmp_path):
     assert {f: config[f] for f in fields} == {f: peft_config[f] for f in fields}
 
 
-def test_per_layer_ranks_are_refused(tmp_path):
-    from peft import LoHaConfig, get_peft_model
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_per_layer_ranks_both_ways(tmp_path, kind):
+    """PEFT's rank_pattern and alpha_pattern: a PEFT LoHa with them loads in loralab with those ranks and the
+    same outputs, and saved again PEFT reads it the same."""
+    from peft import LoHaConfig, PeftModel, get_peft_model
 
-    config = LoHaConfig(target_modules=["a", "b"], r=2, rank_pattern={"b": 3})
-    get_peft_model(Pair("linear"), config).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="sets rank_pattern"):
-        ll.load_adapter(Pair("linear"), tmp_path)
+    config = LoHaConfig(target_modules=["a", "b"], r=2, alpha=4, rank_pattern={"b": 3}, alpha_pattern={"a": 1.5},
+                        init_weights=False)
+    theirs = get_peft_model(Pair(kind), config).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    net = ll.load_adapter(Pair(kind), tmp_path / "peft").eval()
+    x = sample(kind)
+    torch.testing.assert_close(net(x), theirs(x), atol=1e-5, rtol=1e-5)
+    methods = dict(methods_of(net, "default"))
+    assert (methods["a"].r, methods["a"].scale, methods["b"].r, methods["b"].scale) == (2, 0.75, 3, 4 / 3)
+    ll.save_adapter(net, tmp_path / "ours")
+    saved = ll.read_config(tmp_path / "ours")
+    assert (saved["rank_pattern"], saved["alpha_pattern"]) == ({"b": 3}, {"a": 1.5})
+    again = PeftModel.from_pretrained(Pair(kind), tmp_path / "ours").eval()
+    torch.testing.assert_close(again(x), theirs(x), atol=1e-5, rtol=1e-5)
 
 
 def test_loralab_layout_still_loads(tmp_path):

@@ -120,8 +120,6 @@ def test_loralab_loads_peft_lokr(tmp_path, ours, peft_fields):
 
 
 @pytest.mark.parametrize("edit, message", [
-    ({"rank_pattern": {"layer": 2}}, "sets rank_pattern"),
-    ({"alpha_pattern": {"layer": 2}}, "sets alpha_pattern"),
     ({"decompose_factor": 0}, "decompose_factor=0; loralab reads -1"),
 ])
 def test_peft_files_loralab_cannot_read_are_refused(tmp_path, edit, message):
@@ -130,6 +128,24 @@ def test_peft_files_loralab_cannot_read_are_refused(tmp_path, edit, message):
     file.write_text(json.dumps({**json.loads(file.read_text()), **edit}))
     with pytest.raises(ValueError, match=message):
         ll.load_adapter(Net("linear"), tmp_path)
+
+
+def test_per_layer_ranks_both_ways(tmp_path):
+    """PEFT's rank_pattern and alpha_pattern: a layer of its own rank changes its factorisation too."""
+    from method_harness import Stack
+    from peft import LoKrConfig, PeftModel, get_peft_model
+
+    config = LoKrConfig(target_modules=["a", "b", "c"], r=1, alpha=2, rank_pattern={"c": 3}, alpha_pattern={"b": 5},
+                        decompose_both=True, init_weights=False)
+    theirs = get_peft_model(Stack(), config).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    net = ll.load_adapter(Stack(), tmp_path / "peft").eval()
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(net(x), theirs(x), atol=1e-5, rtol=1e-5)
+    assert [(m.r, m.scale) for _, m in methods_of(net, "default")] == [(1, 2.0), (1, 5.0), (3, 2 / 3)]
+    ll.save_adapter(net, tmp_path / "ours")
+    again = PeftModel.from_pretrained(Stack(), tmp_path / "ours").eval()
+    torch.testing.assert_close(again(x), theirs(x), atol=1e-5, rtol=1e-5)
 
 
 # ---- loralab's old layout ------------------------------------------------------------------

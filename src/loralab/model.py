@@ -7,6 +7,7 @@ plain model — no wrapper class, and the model's own `forward`/`generate` keep 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from loralab.layers import AdaptedLayer, RowPlan, SavedModule
 from loralab.methods.base import METHODS, AdapterMethod
 from loralab.registry import close_matches, unknown_name_message
 from loralab.siblings import link_siblings
-from loralab.spec import AdapterSpec
+from loralab.spec import AdapterSpec, pattern_value
 from loralab.targets import candidate_modules, resolve_targets, suffix_match
 
 
@@ -75,6 +76,21 @@ def adapted_layers(model: nn.Module, name: str | None = None) -> Iterator[tuple[
             yield path, module
 
 
+def _check_patterns(method_cls: type[AdapterMethod], spec: AdapterSpec, layer_specs: dict[str, AdapterSpec]) -> None:
+    """A rank_pattern / alpha_pattern key naming no adapted module is a warning (PEFT ignores it; a file
+    may hold one); per-layer ranks need layers that share nothing sized by r."""
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(spec, field_name):
+            if not any(pattern_value({key: True}, path, False) for path in layer_specs):
+                close = close_matches(key, list(layer_specs))
+                warnings.warn(f"{field_name} key {key!r} matches none of the adapted modules"
+                              + (f" (close: {', '.join(close)})" if close else ""), stacklevel=3)
+    shares = method_cls.make_shared.__func__ is not AdapterMethod.make_shared.__func__
+    if shares and any(s.r != spec.r for s in layer_specs.values()):
+        raise ValueError(f"method {spec.method!r} shares parameters across layers sized by one r: rank_pattern "
+                         "cannot give its layers ranks of their own (alpha_pattern can scale them)")
+
+
 def add_adapter(
     model: nn.Module,
     spec: AdapterSpec | None = None,
@@ -110,11 +126,13 @@ def add_adapter(
     for path in paths:
         current = model.get_submodule(path)
         kinds.append(current.kind if isinstance(current, AdaptedLayer) else kind_of(current))
+    layer_specs = [spec.for_layer(path) for path in paths]
+    _check_patterns(method_cls, spec, dict(zip(paths, layer_specs)))
     shared = method_cls.make_shared(spec, kinds)
     new: list[tuple[str, AdapterMethod]] = []
-    for path, kind in zip(paths, kinds):
+    for path, kind, layer_spec in zip(paths, kinds, layer_specs):
         try:
-            new.append((path, method_cls(kind, spec, shared=shared)))
+            new.append((path, method_cls(kind, layer_spec, shared=shared)))
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
     saved_paths = _resolve_saved(model, spec.modules_to_save)

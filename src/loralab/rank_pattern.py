@@ -11,7 +11,6 @@ module names, longest first, adding a name wherever a shorter key would otherwis
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,14 +18,7 @@ import torch
 from torch import nn
 
 from loralab.methods.base import AdapterMethod
-
-
-def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """The value PEFT gives module `path`: that of the first key matching it, else `default`."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
+from loralab.spec import AdapterSpec, pattern_value
 
 
 def write_pattern(values: dict[str, Any], default: Any) -> dict[str, Any]:
@@ -55,6 +47,19 @@ def layer_patterns(adapted: Iterable[tuple[str, AdapterMethod]], r: int, alpha: 
         ranks[path] = k
         alphas[path] = method.scale * (math.sqrt(k) if rslora else k)
     return write_pattern(ranks, r), write_pattern(alphas, alpha)
+
+
+def lycoris_patterns(spec: AdapterSpec, adapted: dict[str, AdapterMethod], alpha: float) -> dict[str, dict]:
+    """PEFT's LoHa/LoKr rank_pattern and alpha_pattern for these layers (their scale is alpha / r, no rsLoRA);
+    `alpha`: the config's."""
+    rank_pattern, alpha_pattern = layer_patterns(adapted.items(), spec.r, alpha, rslora=False)
+    return {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+
+
+def read_patterns(config: dict[str, Any]) -> dict[str, dict]:
+    """A PEFT config's per-layer ranks and alphas as AdapterSpec fields."""
+    return {"rank_pattern": dict(config.get("rank_pattern") or {}),
+            "alpha_pattern": dict(config.get("alpha_pattern") or {})}
 
 
 def check_resizable(method: AdapterMethod, path: str, why: str) -> None:

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 BIAS_MODES = ("none", "all", "lora_only")
+
+
+def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
+    """The value HF PEFT gives module `path` from a rank_pattern / alpha_pattern: that of the first key k
+    with `re.match(rf"(.*\\.)?({k})$", path)` (peft.utils.other.get_pattern_key), else `default`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
 
 
 @dataclass
@@ -29,6 +39,9 @@ class AdapterSpec:
              the first numbered part of the module name.
     rslora:  rank-stabilised scaling alpha / sqrt(r) (arXiv 2312.03732).
     options: method-specific settings; a method refuses options it does not take.
+    rank_pattern, alpha_pattern: per-layer r and alpha, as PEFT's: {"q_proj": 4, "layers.0.mlp.up_proj": 32}
+             (a key matches a module whose name ends with it, the first matching key wins); a layer
+             none matches takes r and alpha. Not for methods whose layers share parameters sized by r.
     """
 
     method: str = "lora"
@@ -45,6 +58,8 @@ class AdapterSpec:
     layers: int | list[int] | None = None
     layers_pattern: str | list[str] | None = None
     init_options: dict[str, Any] = field(default_factory=dict)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
@@ -54,6 +69,8 @@ class AdapterSpec:
         self.modules_to_save = list(self.modules_to_save or [])
         self.options = dict(self.options or {})
         self.init_options = dict(self.init_options or {})
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
         self.validate()
 
     def validate(self) -> None:
@@ -70,6 +87,28 @@ class AdapterSpec:
         if isinstance(self.targets, list) and not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"targets must be non-empty strings, got {self.targets!r}")
         self._validate_layers()
+        self._validate_patterns()
+
+    def _validate_patterns(self) -> None:
+        for field_name, positive in (("rank_pattern", "a positive integer"), ("alpha_pattern", "a positive number")):
+            for key, value in getattr(self, field_name).items():
+                if not isinstance(key, str) or not key:
+                    raise ValueError(f"{field_name} keys are module names or their endings, got {key!r}")
+                try:
+                    re.compile(key)
+                except re.error as err:
+                    raise ValueError(f"{field_name} key {key!r} is not a valid regular expression: {err}") from None
+                bad = isinstance(value, bool) or (
+                    not isinstance(value, int) or value < 1 if field_name == "rank_pattern"
+                    else not isinstance(value, int | float) or not math.isfinite(value) or value <= 0)
+                if bad:
+                    raise ValueError(f"{field_name}[{key!r}] must be {positive}, got {value!r}")
+
+    def for_layer(self, path: str) -> AdapterSpec:
+        """The spec module `path` is built with: its own r and alpha where a pattern names it."""
+        r = pattern_value(self.rank_pattern, path, self.r)
+        alpha = pattern_value(self.alpha_pattern, path, self.alpha)
+        return self if (r, alpha) == (self.r, self.alpha) else replace(self, r=r, alpha=alpha)
 
     def _validate_layers(self) -> None:
         if self.layers is None:

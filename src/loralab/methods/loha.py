@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
-from loralab.methods.base import METHODS, AdapterMethod, check_shape, refuse_layer_patterns
+from loralab.methods.base import METHODS, AdapterMethod, check_shape
+from loralab.rank_pattern import lycoris_patterns, read_patterns
 from loralab.spec import AdapterSpec
 
 PEFT_KEYS = {"hada_w1_a": "hada_B1", "hada_w1_b": "hada_A1", "hada_w2_a": "hada_B2", "hada_w2_b": "hada_A2"}
@@ -104,10 +105,10 @@ class LoHa(AdapterMethod):
         alpha = spec.alpha * math.sqrt(spec.r) if spec.rslora else spec.alpha  # PEFT's scale is alpha / r
         return {"peft_type": "LOHA", "r": spec.r, "alpha": alpha,
                 "rank_dropout": options["rank_dropout"], "module_dropout": options["module_dropout"],
-                "use_effective_conv2d": False, "init_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
+                "use_effective_conv2d": False, "init_weights": True, **lycoris_patterns(spec, adapted, alpha)}
 
     @classmethod
     def spec_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
-        refuse_layer_patterns(config, "loha")
         options = {option: float(config.get(option) or 0.0) for option in cls.option_defaults}
-        return {"method": "loha", "r": int(config["r"]), "alpha": float(config.get("alpha", 8)), "options": options}
+        return {"method": "loha", "r": int(config["r"]), "alpha": float(config.get("alpha", 8)), "options": options,
+                **read_patterns(config)}

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
-from loralab.methods.base import METHODS, AdapterMethod, refuse_layer_patterns
+from loralab.methods.base import METHODS, AdapterMethod
+from loralab.rank_pattern import lycoris_patterns, read_patterns
 from loralab.spec import AdapterSpec
 
 OLD_KEYS = ("lokr_C", "lokr_A", "lokr_B")  # loralab's layout before PEFT's
@@ -137,18 +138,17 @@ class LoKr(AdapterMethod):
     def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any]:
         options = {**cls.option_defaults, **spec.options}
         alpha = spec.alpha * math.sqrt(spec.r) if spec.rslora else spec.alpha  # PEFT's scale is alpha / r
-        return {"peft_type": "LOKR", "r": spec.r, "alpha": alpha, "rank_pattern": {}, "alpha_pattern": {},
+        return {"peft_type": "LOKR", "r": spec.r, "alpha": alpha, **lycoris_patterns(spec, adapted, alpha),
                 "decompose_both": options["decompose_both"], "decompose_factor": options["factor"] or -1,
                 "rank_dropout": 0.0, "module_dropout": 0.0, "rank_dropout_scale": False,
                 "use_effective_conv2d": False, "init_weights": True}
 
     @classmethod
     def spec_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
-        refuse_layer_patterns(config, "lokr")
         factor = config.get("decompose_factor", -1)
         if isinstance(factor, bool) or not isinstance(factor, int) or not (factor == -1 or factor > 0):
             raise ValueError(f"this LoKr adapter has decompose_factor={factor!r}; loralab reads -1 (none) or a "
                              "positive integer")
         options = {"factor": None if factor == -1 else factor, "decompose_both": bool(config.get("decompose_both"))}
         return {"method": "lokr", "r": int(config.get("r", 8)), "alpha": float(config.get("alpha", 8)),
-                "options": options}
+                "options": options, **read_patterns(config)}
