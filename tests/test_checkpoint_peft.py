@@ -129,7 +129,8 @@ def test_merged_export_equals_peft_merge(tmp_path):
 PEFT_FORMAT_SPECS = {"lora": {}, "dora": {}, "boft": dict(r=2), "oft": dict(r=2), "loha": {}, "lokr": {},
                      "ia3": dict(options={"scale_bias": True}), "adalora": {}, "vb-lora": {}, "shira": {},
                      "fourierft": dict(options={"n_frequency": 8}), "vera": {}, "randlora": {},
-                     "bone": dict(r=2, options={"share": "rows"}), "uni-lora": dict(options={"start": "uniform"})}
+                     "bone": dict(r=2, options={"share": "rows"}), "uni-lora": dict(options={"start": "uniform"}),
+                     "miss": {}}
 
 
 @pytest.mark.parametrize("method", sorted(PEFT_FORMAT_SPECS))

@@ -248,8 +248,10 @@ def spec_from_config(config: dict[str, Any], per_layer: bool = False) -> Adapter
 
 
 def _peft_formats() -> dict[str, type]:
-    """peft_type → method, for the methods saved in a PEFT format of their own (not LORA's)."""
-    return {cls.peft_type: cls for _, cls in METHODS.items() if cls.peft_type not in (None, "LORA")}
+    """peft_type → method, for the methods saved in a PEFT format of their own (not LORA's): the one that reads
+    the type's files where several share it (MISS: Bone; MiSS sets peft_reader False)."""
+    return {cls.peft_type: cls for _, cls in METHODS.items()
+            if cls.peft_type not in (None, "LORA") and cls.peft_reader}
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",

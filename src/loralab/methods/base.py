@@ -36,6 +36,7 @@ class AdapterMethod(nn.Module):
     param_formula: ClassVar[str] = ""  # human-readable, e.g. "r·(in + out)"
     peft_type: ClassVar[str | None] = None  # set where HF PEFT reads this method's files
     peft_lacks: ClassVar[tuple[str, ...]] = ()  # fields of PEFT's LoRA config that its config for peft_type lacks
+    peft_reader: ClassVar[bool] = True  # reads peft_type's files (spec_from_peft); False: a method sharing it does
     additive: ClassVar[bool] = True
     needs_base: ClassVar[bool] = False  # forward() reads the base output
     suggested_lr: ClassVar[float] = 1e-3  # centre of `loralab compare`'s learning-rate sweep

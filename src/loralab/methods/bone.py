@@ -11,10 +11,10 @@ Saving: share="rows" is PEFT's MiSS with init_weights="bat", and is saved in its
 [out/r, r, r] holds B_i, the config says `r`, `init_weights: "bat"`, `miss_dropout` (the dropout, which
 PEFT's Bat never applies: training differs) and bias ("MiSS_only" for "lora_only"). MiSS has nothing for
 the default share="columns", so that is saved in loralab's own layout as before (`bone_B` [in/r, r, r],
-peft_type LORALAB), which PEFT does not read; old files in that layout load as they did. Of PEFT's MiSS
-files loralab reads the Bat ones: its default ("balance", init_weights true or false) and "mini" variants,
-whose ΔW tiles one trained shard whatever W is, are not a Bone and are refused. PEFT's MiSS takes nn.Linear
-only, so a Bone on GPT-2's Conv1D is read by loralab alone.
+peft_type LORALAB), which PEFT does not read; old files in that layout load as they did. Bone reads every
+PEFT MiSS file (the one reader of peft_type MISS): the Bat ones as a Bone, its default ("balance",
+init_weights true or false) and "mini" variants, whose ΔW tiles one trained shard whatever W is, as loralab's
+method "miss" (miss.py). PEFT's MiSS takes nn.Linear only, so a Bone on GPT-2's Conv1D is read by loralab alone.
 """
 
 from __future__ import annotations
@@ -85,13 +85,18 @@ class Bone(AdapterMethod):
 
     @classmethod
     def spec_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Every variant of PEFT's MiSS: "bat" is a Bone (share="rows"); balance and mini are loralab's miss."""
         variant = config.get("init_weights", True)
-        if variant != "bat":
-            raise ValueError(f"this MiSS adapter has init_weights={variant!r}, PEFT's "
-                             f"{'mini' if variant == 'mini' else 'balance'} variant, whose update tiles one trained "
-                             "shard whatever the weights are: loralab's bone does not have it. loralab reads MiSS "
-                             "adapters with init_weights='bat' (bone with option share='rows')")
         bias = config.get("bias") or "none"
-        return {"method": "bone", "r": int(config.get("r", 64)), "dropout": float(config.get("miss_dropout") or 0),
-                "options": {"share": "rows"}, "bias": "lora_only" if bias.endswith("_only") else bias}
+        spec = {"r": int(config.get("r", 64)), "dropout": float(config.get("miss_dropout") or 0),
+                "bias": "lora_only" if bias.endswith("_only") else bias}
+        if variant == "bat":
+            return {**spec, "method": "bone", "options": {"share": "rows"}}
+        if variant == "mini":
+            return {**spec, "method": "miss", "options": {"variant": "mini", "mini_r": int(config.get("mini_r", 1))}}
+        if isinstance(variant, bool):  # balance; false only started M at random
+            return {**spec, "method": "miss", "options": {"variant": "balance"}}
+        raise ValueError(f"this MiSS adapter has init_weights={variant!r}; PEFT's MiSS variants are true or false "
+                         "(balance, loralab's miss), 'mini' (miss with variant='mini') and 'bat' (bone with "
+                         "share='rows')")
 
