@@ -73,3 +73,21 @@ def test_bad_patterns_are_refused(field, value, message):
 def test_pattern_naming_no_adapted_module_warns_with_close_matches():
     with pytest.warns(UserWarning, match="rank_pattern key 'cc' matches none of the adapted modules"):
         ll.add_adapter(Stack(), ll.AdapterSpec(r=2, targets=["a", "b", "c"], rank_pattern={"cc": 4}))
+
+
+@pytest.mark.parametrize("method, patterns", [
+    ("vera", {"alpha_pattern": {"c": 8.0}}),  # PEFT's VeRA has one scale
+    ("adalora", {"rank_pattern": {"b": 3}}),  # PEFT's AdaLoRA: one init_r (its rank_pattern holds masks)
+    ("oft", {"rank_pattern": {"c": 4}}),
+    ("sora", {"rank_pattern": {"a": 3}, "alpha_pattern": {"b": 1.0}}),  # no PEFT format at all
+])
+def test_patterns_a_peft_format_cannot_hold_are_saved_in_loralab_layout(tmp_path, method, patterns):
+    net = Stack()
+    ll.add_adapter(net, ll.AdapterSpec(method=method, r=2, alpha=4, targets=["a", "b", "c"], **patterns))
+    randomise_trainables(net)
+    ll.save_adapter(net.eval(), tmp_path)
+    assert ll.read_config(tmp_path)["peft_type"] == "LORALAB"
+    again = ll.load_adapter(Stack(), tmp_path).eval()
+    assert [(m.r, m.scale) for _, m in methods_of(again, "default")] == [
+        (m.r, m.scale) for _, m in methods_of(net, "default")]
+    torch.testing.assert_close(again(X), net(X), atol=1e-6, rtol=1e-6)

@@ -26,7 +26,7 @@ from torch import nn
 from loralab.layers import SavedModule
 from loralab.methods.base import METHODS, SavedTensors, check_shape
 from loralab.model import adapted_layers, add_adapter, get_spec, methods_of, remove_adapter, wrappers
-from loralab.rank_pattern import apply_patterns, layer_patterns
+from loralab.rank_pattern import layer_patterns, read_patterns
 from loralab.spec import AdapterSpec
 from loralab.targets import candidate_modules, matches
 
@@ -120,6 +120,8 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
     }
     if method.peft_type not in (None, "LORA"):  # PEFT's own format for the method (BOFT): its fields, not LoRA's
         fields = method.peft_config(spec, dict(methods_of(model, name)))
+        if (rank_pattern or alpha_pattern) and fields is not None and "rank_pattern" not in fields:
+            fields = None  # layers with ranks or scales of their own, which that format has no place for
         if fields is not None:  # None: settings that format cannot hold, saved in loralab's layout
             shared = {k: config[k] for k in PEFT_SHARED_FIELDS
                       if not (k in method.peft_lacks and k in UNUSED and config[k] == UNUSED[k])}
@@ -215,7 +217,8 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def spec_from_config(config: dict[str, Any], per_layer: bool = False) -> AdapterSpec:
     """An AdapterSpec from a PEFT- or loralab-written adapter_config.json. Per-layer ranks and scales
-    (rank_pattern, alpha_pattern) are refused unless the caller applies them (`per_layer=True`)."""
+    (rank_pattern, alpha_pattern) of LoRA's format are refused unless the caller builds layers of their own
+    rank (`per_layer=True`: the patterns go into the spec)."""
     peft_type = config.get("peft_type")
     formats = _peft_formats()
     if peft_type not in ("LORA", "LORALAB", *formats):
@@ -243,6 +246,7 @@ def spec_from_config(config: dict[str, Any], per_layer: bool = False) -> Adapter
         dropout=float(config.get("lora_dropout") or 0.0),
         rslora=bool(config.get("use_rslora")),
         options=dict(extra.get("options") or {}),
+        **(read_patterns(config) if per_layer else {}),
         **shared,
     )
 
@@ -263,8 +267,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     tensors = METHODS.get(spec.method).remap_saved(config, read_tensors(path))
     add_adapter(model, spec, name, activate=activate, dtype=dtype)
     try:
-        if config.get("peft_type") not in _peft_formats():  # per-layer ranks are LoRA's
-            apply_patterns(methods_of(model, name), config, spec.rslora)
         _fill(model, name, tensors, spec)
     except Exception:
         remove_adapter(model, name)

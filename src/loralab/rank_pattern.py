@@ -78,20 +78,3 @@ def set_factors(method: AdapterMethod, a: torch.Tensor, b: torch.Tensor, scale: 
     method.lora_B = nn.Parameter(b.to(like).contiguous(), requires_grad=grad)
     method.r = a.shape[0]
     method.scale = scale
-
-
-def apply_patterns(adapted: Iterable[tuple[str, AdapterMethod]], config: dict[str, Any], rslora: bool) -> None:
-    """Give each layer the rank and scale the config's rank_pattern / alpha_pattern assign it (zero factors,
-    to be filled from the adapter file)."""
-    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    for path, method in adapted:
-        k = int(pattern_value(ranks, path, config["r"]))
-        alpha = float(pattern_value(alphas, path, config.get("lora_alpha", config["r"])))
-        scale = alpha / (math.sqrt(k) if rslora else k)
-        if k == method.r and _same(scale, method.scale):
-            continue
-        check_resizable(method, path, "the adapter's rank_pattern / alpha_pattern")
-        if not 1 <= k <= method.max_rank(method.layer):
-            raise ValueError(f"rank_pattern gives {path} rank {k}; it allows 1 to {method.max_rank(method.layer)}")
-        set_factors(method, method.lora_A.new_zeros(k, method.lora_A.shape[1]),
-                    method.lora_B.new_zeros(method.lora_B.shape[0], k), scale)

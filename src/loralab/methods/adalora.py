@@ -111,6 +111,8 @@ class AdaLoRA(AdapterMethod):
 
     @classmethod
     def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any]:
+        if any((m.r, m.scale) != (spec.r, spec.scale) for m in adapted.values()):
+            return None  # PEFT's AdaLoRA has one init_r and lora_alpha (its rank_pattern holds masks)
         masks = {f"{path}.lora_E": method.kept() for path, method in adapted.items()}
         pruned = any(not all(kept) for kept in masks.values())
         return {"peft_type": "ADALORA", "init_r": spec.r, "lora_alpha": spec.scale * (spec.r + PEFT_RANKNUM_EPS),

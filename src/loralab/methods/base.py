@@ -222,14 +222,6 @@ class SavedTensors(dict):
         return self[key]  # through __getitem__, which notes the key
 
 
-def refuse_layer_patterns(config: dict[str, Any], method: str) -> None:
-    """A PEFT config giving some layers their own rank or alpha, for a method with one of each for all."""
-    for field in ("rank_pattern", "alpha_pattern"):
-        if config.get(field):
-            raise ValueError(f"this adapter_config.json sets {field} (per-layer ranks or scales), which loralab's "
-                             f"{method} does not have; it reads adapters with one r and alpha for every layer")
-
-
 def check_shape(name: str, got: torch.Size, want: torch.Size) -> None:
     if tuple(got) != tuple(want):
         raise ValueError(
