@@ -195,6 +195,19 @@ def test_train_on_chosen_blocks_only(tmp_path):
     assert saved == [f"bert.encoder.layer.{i}.attention.self.query" for i in (0, 4, 5)]
 
 
+def test_train_with_per_layer_ranks(tmp_path):
+    code = main(["train", "--base", "minilm-l6", "--task", "sst2", "--max-train", "16", "--max-test", "16",
+                 "--steps", "1", "--batch-size", "8", "--r", "2", "--targets", "query,value",
+                 "--rank-pattern", "value=4", "--alpha-pattern", "layer.0.attention.self.query=8",
+                 "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    tensors = ll.read_tensors(tmp_path / "adapter")
+    ranks = {k.split(".")[3] + k.split(".")[6]: t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")}
+    assert ranks == {f"{i}{m}": 4 if m == "value" else 2 for i in range(6) for m in ("query", "value")}
+    alphas = ll.read_config(tmp_path / "adapter")["alpha_pattern"]
+    assert alphas["bert.encoder.layer.0.attention.self.query"] == 8.0
+
+
 @pytest.mark.parametrize("text", ["5-3", "a", "1,,x", ","])
 def test_bad_block_indices_are_refused(text, capsys):
     with pytest.raises(SystemExit):

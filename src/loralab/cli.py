@@ -37,6 +37,10 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", default="gaussian", help="initialiser (see `loralab methods`)")
     g.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rsLoRA)")
     g.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method option; repeatable")
+    g.add_argument("--rank-pattern", action="append", metavar="MODULE=R",
+                   help="matching modules get their own rank (PEFT's rank_pattern), e.g. down_proj=32; repeatable")
+    g.add_argument("--alpha-pattern", action="append", metavar="MODULE=ALPHA",
+                   help="matching modules get their own alpha (PEFT's alpha_pattern); repeatable")
     g.add_argument("--init-option", action="append", metavar="KEY=VALUE",
                    help="an initialiser option, e.g. rho=2 for eva; repeatable")
     g.add_argument("--calibration-batches", type=int, default=8,
@@ -67,7 +71,8 @@ def spec_from_args(args: argparse.Namespace, modules_to_save: list[str] | None =
     return AdapterSpec(method=args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=targets,
                        init=args.init, rslora=args.rslora, modules_to_save=modules_to_save or [],
                        layers=args.layers, layers_pattern=args.layers_pattern,
-                       options=_parse_options(args.option), init_options=_parse_options(args.init_option))
+                       options=_parse_options(args.option), init_options=_parse_options(args.init_option),
+                       rank_pattern=_parse_options(args.rank_pattern), alpha_pattern=_parse_options(args.alpha_pattern))
 
 
 def add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
