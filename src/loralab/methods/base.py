@@ -17,6 +17,7 @@ named in PEFT's adapter files (`peft_type`, `to_saved` / `from_saved`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -128,6 +129,24 @@ class AdapterMethod(nn.Module):
         """The layer's bias with this adapter folded in, where the adapter changes it (else None)."""
         return None
 
+    def keep(self, slot: str, tensors: tuple[torch.Tensor, ...], compute: Callable[[], Any], *extra: Any) -> Any:
+        """compute() as it was last computed in this slot from the same tensors at the same versions (storage
+        and in-place version counter; and the same extra values): for what a forward derives from its
+        parameters alone (DoRA's norms, a factored method's factors). Under torch.compile it is computed in
+        the graph, as the data-pointer check would break it. Parameters written through `.data` or a raw
+        pointer bypass the version counter: write them in place under `torch.no_grad()` or load_state_dict."""
+        if torch.compiler.is_compiling():
+            return compute()
+        key = (*extra, *((t.data_ptr(), t._version) for t in tensors))
+        kept = self.__dict__.setdefault("_kept", {})
+        if slot not in kept or kept[slot][0] != key:
+            kept[slot] = (key, compute())
+        return kept[slot][1]
+
+    def forget(self, slot: str) -> None:
+        """Drop what `keep` holds in this slot."""
+        self.__dict__.get("_kept", {}).pop(slot, None)
+
     # ---- bookkeeping -----------------------------------------------------------------------
     def attach(self, host: nn.Module) -> None:
         """Called with the AdaptedLayer that now holds this method (routers look their experts up there)."""
@@ -186,10 +205,21 @@ class AdapterMethod(nn.Module):
 
 class FactoredMethod(AdapterMethod):
     """A method whose ΔW = factor_scale · B A for factors it assembles each call (frozen bases,
-    mixtures, projections, …): subclasses implement `factors() -> (A [k, in], B [out, k])`."""
+    mixtures, projections, …): subclasses implement `factors() -> (A [k, in], B [out, k])`.
+
+    Where a forward records no gradients and the module is in eval mode (generation, evaluation,
+    serving), the assembled factors are kept until a parameter or buffer of the method (its shared
+    module's included) changes: assembling them can cost more than a one-token forward itself."""
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def current_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`factors()`, kept between forwards without gradients in eval mode (see the class docstring)."""
+        if torch.is_grad_enabled() or self.training:
+            self.forget("factors")
+            return self.factors()
+        return self.keep("factors", (*self.parameters(), *self.buffers()), self.factors)
 
     def factor_scale(self) -> float:
         return self.scale
@@ -199,7 +229,7 @@ class FactoredMethod(AdapterMethod):
         return self.factor_scale() * b @ a
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors()
+        a, b = self.current_factors()
         return self.through(x, a, self.factor_scale() * b)
 
 

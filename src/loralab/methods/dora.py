@@ -39,36 +39,24 @@ class DoRA(LoRA):
 
     def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
         super().__init__(layer, spec, shared)
-        self._kept: dict[str, tuple[tuple, torch.Tensor]] = {}
         with torch.no_grad():
             self.magnitude = torch.nn.Parameter(self._weight_sq_norms().sqrt().to(layer.weight.dtype, copy=True))
 
     def expected_trainable_params(self) -> int:
         return super().expected_trainable_params() + self.layer.out_features
 
-    def _keep(self, slot: str, tensors: tuple[torch.Tensor, ...], compute, *extra) -> torch.Tensor:
-        """compute() as it was last computed from the same tensors at the same versions (and the same
-        extra values); under torch.compile computed in the graph, as the data-pointer check would break it."""
-        if torch.compiler.is_compiling():
-            return compute()
-        key = (*extra, *((t.data_ptr(), t._version) for t in tensors))
-        kept = self._kept.get(slot)
-        if kept is None or kept[0] != key:
-            kept = self._kept[slot] = (key, compute())
-        return kept[1]
-
     def _weight_sq_norms(self) -> torch.Tensor:
         """‖W‖² per row, kept until the base weight changes (e.g. another adapter merges)."""
         w = self.layer.weight
-        return self._keep("w_sq", (w,), lambda: self.layer.matrix(w.detach()).float().pow(2).sum(1))
+        return self.keep("w_sq", (w,), lambda: self.layer.matrix(w.detach()).float().pow(2).sum(1))
 
     def row_norms(self) -> torch.Tensor:
         """‖W + sBA‖ per output row, a constant to autograd (kept where no gradients are recorded: see the
         module docstring)."""
         if torch.is_grad_enabled():
-            self._kept.pop("norms", None)
+            self.forget("norms")
             return self._row_norms()
-        return self._keep("norms", (self.layer.weight, self.lora_A, self.lora_B), self._row_norms, self.scale)
+        return self.keep("norms", (self.layer.weight, self.lora_A, self.lora_B), self._row_norms, self.scale)
 
     @torch.no_grad()
     def _row_norms(self) -> torch.Tensor:
