@@ -22,11 +22,12 @@ def test_methods_lists_papers(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "lora" in out and "arXiv:2106.09685" in out and "arXiv:2402.09353" in out
-    assert "PEFT reads it as BOFT" in out
+    assert "PEFT reads it as BOFT" in out and "PEFT reads it as UNILORA with start='uniform'" in out
     assert main(["methods", "--json"]) == 0
     rows = {m["name"]: m for m in json.loads(capsys.readouterr().out)["methods"]}
     assert {"lora", "dora"} <= set(rows)
     assert rows["dora"]["peft_type"] == "LORA" and rows["loldu"]["peft_type"] is None
+    assert (rows["bone"]["peft_type"], rows["bone"]["peft_when"]) == ("MISS", "share='rows'")
 
 
 @pytest.fixture(scope="module")

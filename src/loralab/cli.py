@@ -234,7 +234,8 @@ def methods(args: argparse.Namespace) -> int:
     from loralab.train.rank import RANK_SCHEDULES
 
     rows = [{"name": n, "summary": c.summary, "paper": c.paper and f"arXiv:{c.paper}",
-             "trainable params per layer": c.param_formula, "peft_type": c.peft_type} for n, c in METHODS.items()]
+             "trainable params per layer": c.param_formula, "peft_type": c.peft_type, "peft_when": c.peft_when}
+            for n, c in METHODS.items()]
     inits = [{"name": n, "summary": i.summary, "paper": i.paper and f"arXiv:{i.paper}",
               "needs calibration data": i.needs_data} for n, i in INITS.items()]
     extras = {"optimizers (TrainConfig(optimizer=...), --optimizer)": _documented(OPTIMIZERS.items()),
@@ -245,7 +246,8 @@ def methods(args: argparse.Namespace) -> int:
     width = max(len(r["name"]) for r in rows + inits)
     print("Methods (AdapterSpec(method=...), --method):")
     for r in rows:
-        peft = f"; PEFT reads it as {r['peft_type']}" if r["peft_type"] else ""
+        when = f" with {r['peft_when']}" if r["peft_when"] else ""
+        peft = f"; PEFT reads it as {r['peft_type']}{when}" if r["peft_type"] else ""
         params = r["trainable params per layer"]
         print(f"  {r['name']:<{width}}  {r['summary']}  [{r['paper']}; params: {params}{peft}]")
     print("(The others are saved with \"peft_type\": \"LORALAB\", which loralab reads and PEFT does not.)")

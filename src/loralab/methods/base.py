@@ -37,6 +37,7 @@ class AdapterMethod(nn.Module):
     param_formula: ClassVar[str] = ""  # human-readable, e.g. "r·(in + out)"
     peft_type: ClassVar[str | None] = None  # set where HF PEFT reads this method's files
     peft_lacks: ClassVar[tuple[str, ...]] = ()  # fields of PEFT's LoRA config that its config for peft_type lacks
+    peft_when: ClassVar[str] = ""  # the settings under which the file is in peft_type's format, where not always
     peft_reader: ClassVar[bool] = True  # reads peft_type's files (spec_from_peft); False: a method sharing it does
     additive: ClassVar[bool] = True
     needs_base: ClassVar[bool] = False  # forward() reads the base output

@@ -38,6 +38,7 @@ class Bone(AdapterMethod):
     paper = "2409.15371"
     param_formula = "in·r (out·r with share='rows')"
     peft_type = "MISS"
+    peft_when = "share='rows'"
     peft_lacks = ("fan_in_fan_out",)
     additive = False
     layer_kinds = ("linear", "hf-conv1d")

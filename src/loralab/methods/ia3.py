@@ -47,6 +47,7 @@ class IA3(AdapterMethod):
     paper = "2205.05638"
     param_formula = "out (or in, with feedforward=True)"
     peft_type = "IA3"
+    peft_when = "scale_bias=True where layers have a bias"
     peft_lacks = ("bias", "layers_pattern", "layers_to_transform")
     suggested_lr = 1e-2
     additive = False

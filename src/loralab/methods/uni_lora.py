@@ -94,6 +94,7 @@ class UniLoRA(FactoredMethod):
     param_formula = "d for the whole adapter (option dim)"
     suggested_lr = 5e-3
     peft_type = "UNILORA"
+    peft_when = "start='uniform'"
     peft_lacks = ("exclude_modules",)
     layer_kinds = ("linear", "hf-conv1d")
     option_defaults = {"dim": 4096, "seed": 0, "start": "kaiming", "bound": 0.02}
