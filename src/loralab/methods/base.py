@@ -215,12 +215,16 @@ class FactoredMethod(AdapterMethod):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def current_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`factors()`, kept between forwards without gradients in eval mode (see the class docstring)."""
+    def scaled_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, factor_scale · B), kept between forwards without gradients in eval mode (see the class docstring)."""
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            a, b = self.factors()
+            return a, self.factor_scale() * b
+
         if torch.is_grad_enabled() or self.training:
             self.forget("factors")
-            return self.factors()
-        return self.keep("factors", (*self.parameters(), *self.buffers()), self.factors)
+            return compute()
+        return self.keep("factors", (*self.parameters(), *self.buffers()), compute, self.factor_scale())
 
     def factor_scale(self) -> float:
         return self.scale
@@ -230,8 +234,7 @@ class FactoredMethod(AdapterMethod):
         return self.factor_scale() * b @ a
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.current_factors()
-        return self.through(x, a, self.factor_scale() * b)
+        return self.through(x, *self.scaled_factors())
 
 
 class SavedTensors(dict):
