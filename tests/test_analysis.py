@@ -58,3 +58,13 @@ def test_report_on_adapter_folders(tmp_path):
     text = report.read_text()
     assert "data:image/png;base64" in text and "effective rank" in text
     assert (tmp_path / "report" / "similarity.png").stat().st_size > 1000
+
+
+def test_factors_carry_each_layers_own_scale(tmp_path):
+    from loralab.analysis.report import lora_factors
+
+    m = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 6))
+    ll.add_adapter(m, ll.AdapterSpec(r=2, alpha=4, targets=["0", "1"], rank_pattern={"1": 4}, alpha_pattern={"0": 1}))
+    ll.save_adapter(m, tmp_path)
+    _, found = lora_factors(tmp_path)
+    assert {k: (a.shape[0], s) for k, (a, _, s) in found.items()} == {"0": (2, 0.5), "1": (4, 1.0)}

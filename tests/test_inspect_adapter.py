@@ -33,3 +33,20 @@ def test_rank_and_alpha_of_a_method_in_its_own_peft_format(tmp_path):
     s = summarize(tmp_path)
     assert s.config["peft_type"] == "LOHA" and "lora_alpha" not in s.config
     assert (s.method, s.r, s.alpha, s.rslora) == ("loha", 3, 7.0, False)
+
+
+def test_per_layer_ranks_and_scales_are_each_layers_own(tmp_path):
+    """With rank_pattern / alpha_pattern each layer's ‖s·BA‖ uses its own scale (dense ΔW written here)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 6))
+    ll.add_adapter(m, ll.AdapterSpec(r=2, alpha=4, targets=["0", "1"], rank_pattern={"1": 4}, alpha_pattern={"0": 1}))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    ll.save_adapter(m, tmp_path)
+    by_module = {layer.module: layer for layer in summarize(tmp_path).layers}
+    for name, scale in (("0", 1 / 2), ("1", 4 / 4)):
+        method = m.get_submodule(name).adapters["default"]
+        dense = (scale * method.lora_B @ method.lora_A).norm().item()
+        assert abs(by_module[name].delta_norm - dense) < 1e-4 * max(dense, 1)

@@ -41,7 +41,7 @@ def lora_delta_norm(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
 
 def summarize(path: str | os.PathLike) -> AdapterSummary:
     config = read_config(path)
-    spec = spec_from_config(config)
+    spec = spec_from_config(config, per_layer=True)
     tensors = read_tensors(path)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, t in tensors.items():
@@ -57,7 +57,7 @@ def summarize(path: str | os.PathLike) -> AdapterSummary:
     for module, own in sorted(groups.items()):
         a = own.get("lora_A.weight", own.get("lora_embedding_A"))
         b = own.get("lora_B.weight", own.get("lora_embedding_B"))
-        delta = lora_delta_norm(a, b, spec.scale) if a is not None and b is not None else None
+        delta = lora_delta_norm(a, b, spec.for_layer(module).scale) if a is not None and b is not None else None
         flat = torch.cat([t.float().flatten() for t in own.values()])
         layers.append(LayerSummary(module, {k: list(t.shape) for k, t in own.items()}, flat.numel(), delta,
                                    float(flat.norm())))

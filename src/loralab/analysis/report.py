@@ -44,14 +44,15 @@ def short(module: str) -> str:
 
 
 def lora_factors(path: str | os.PathLike) -> tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
-    spec = spec_from_config(read_config(path))
+    spec = spec_from_config(read_config(path), per_layer=True)
     tensors = read_tensors(path)
     found = {}
     for key, a in tensors.items():
         if key.endswith(".lora_A.weight"):
             module = key[: -len(".lora_A.weight")]
             b = tensors[f"{module}.lora_B.weight"]
-            found[module] = (a.reshape(a.shape[0], -1).float(), b.reshape(b.shape[0], -1).float(), spec.scale)
+            found[module] = (a.reshape(a.shape[0], -1).float(), b.reshape(b.shape[0], -1).float(),
+                             spec.for_layer(module).scale)
     if not found:
         raise ValueError(f"{path} holds no LoRA factors to analyse (analysis reads LoRA-family adapters)")
     return spec.method, found

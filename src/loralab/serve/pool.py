@@ -46,6 +46,7 @@ def unstackable(config: dict, spec: AdapterSpec) -> list[str]:
         (bool(spec.modules_to_save), f"modules_to_save={spec.modules_to_save}"),
         (bool(config.get("fan_in_fan_out")), "fan_in_fan_out (Conv1D layers)"),
         (bool(config.get("lora_bias")), "lora_bias"),
+        (bool(spec.rank_pattern or spec.alpha_pattern), "per-layer ranks or scales (rank_pattern, alpha_pattern)"),
     ) if bad]
 
 
@@ -158,7 +159,7 @@ class AdapterPool:
                              "only folders under the root are served")
         config = read_config(resolved)
         try:
-            spec = spec_from_config(config)
+            spec = spec_from_config(config, per_layer=True)
         except (KeyError, TypeError) as err:
             raise ValueError(f"{resolved / CONFIG_FILE} is not a valid adapter config: {err}") from None
         reasons = unstackable(config, spec)
