@@ -261,6 +261,18 @@ def test_folders_merge_without_a_model_as_the_live_merge_does(tmp_path, method):
         close(got[p], want)
 
 
+def test_folders_with_per_layer_ranks_and_scales_merge_to_the_weighted_sum(tmp_path):
+    """rank_pattern / alpha_pattern: each layer's ΔW = its own scale · B A (dense reference written here)."""
+    model = toy()
+    ll.add_adapter(model, ll.AdapterSpec(r=2, alpha=4, targets=["up", "down"], rank_pattern={"down": 5},
+                                         alpha_pattern={"up": 1.0}), name="p")
+    fill(model, "p", seed=20)
+    dirs = saved(model, tmp_path, ["t0", "p"])
+    got = folder_delta(combine_folders(dirs, tmp_path / "m", method="linear", weights=[1.0, 0.5]))
+    for path, want in weighted_sum(model, ["t0", "p"], [1.0, 0.5]).items():
+        close(got[path], want)
+
+
 def test_base_model_path_gives_the_same_adapter_and_is_left_clean(tmp_path):
     model = toy()
     ll.add_adapter(model, ll.AdapterSpec(method="sora", r=3, alpha=6, targets=["up", "down"]), name="s")

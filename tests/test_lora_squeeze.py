@@ -3,6 +3,7 @@
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 from trainer_toy import Toy, examples
@@ -38,6 +39,31 @@ def test_post_hoc_squeeze_is_best_rank_k(tmp_path):
         best = u[:, :2] @ torch.diag(s[:2]) @ vh[:2]
         torch.testing.assert_close(small.get_submodule(path).adapters["default"].delta_weight(), best,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_squeeze_keeps_each_layers_own_scale_and_rank_limit(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 8))
+    ll.add_adapter(net, ll.AdapterSpec(r=6, alpha=12, targets=["0", "2"], rank_pattern={"2": 4},
+                                       alpha_pattern={"0": 3.0}))
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    ll.save_adapter(net, tmp_path / "big")
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 4\]"):
+        squeeze_adapter(tmp_path / "big", 5, tmp_path / "x")
+    squeeze_adapter(tmp_path / "big", 2, tmp_path / "small")
+    config = ll.read_config(tmp_path / "small")
+    assert (config["r"], config["rank_pattern"], config["alpha_pattern"]) == (2, {}, {})
+    small = copy.deepcopy(net)
+    ll.remove_adapter(small, "default")
+    ll.load_adapter(small, tmp_path / "small")
+    for path, scale in (("0", 3.0 / 6), ("2", 12.0 / 4)):
+        big = net.get_submodule(path).adapters["default"]
+        u, s, vh = torch.linalg.svd((scale * big.lora_B @ big.lora_A).detach())
+        torch.testing.assert_close(small.get_submodule(path).adapters["default"].delta_weight(),
+                                   u[:, :2] @ torch.diag(s[:2]) @ vh[:2], atol=1e-4, rtol=1e-4)
 
 
 def test_squeeze_to_full_rank_changes_nothing(tmp_path):

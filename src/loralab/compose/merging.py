@@ -276,7 +276,7 @@ def _combine_through(model: nn.Module, dirs: list[Path], out_dir: str | os.PathL
 # ---- folders ---------------------------------------------------------------------------------
 def _folder_factors(folder: Path, config: dict[str, Any]) -> tuple[dict[str, Pair], dict[str, tuple], torch.dtype]:
     """(path → (A, s·B) canonical [r, in] / [out, r]; path → how its tensors are named and shaped; dtype)."""
-    spec = spec_from_config(config)
+    spec = spec_from_config(config, per_layer=True)
     if spec.method != "lora":
         hint = (" Pass base=<the base model> to merge it through the model" if spec.method in _lora_family()
                 else f" combine merges LoRA-family adapters ({', '.join(_lora_family())})")
@@ -290,7 +290,8 @@ def _folder_factors(folder: Path, config: dict[str, Any]) -> tuple[dict[str, Pai
             path = key.removesuffix("." + a_key)
             if path != key and f"{path}.{b_key}" in tensors:
                 a, b = tensors[key], tensors[f"{path}.{b_key}"]
-                layers[path] = (a.reshape(a.shape[0], -1).float(), spec.scale * b.reshape(b.shape[0], -1).float())
+                scale = spec.for_layer(path).scale
+                layers[path] = (a.reshape(a.shape[0], -1).float(), scale * b.reshape(b.shape[0], -1).float())
                 layouts[path] = (a_key, b_key, tuple(a.shape[1:]), tuple(b.shape[2:]))
                 used |= {key, f"{path}.{b_key}"}
     others = sorted(set(tensors) - used)

@@ -48,12 +48,14 @@ def truncate_factors(a: torch.Tensor, b: torch.Tensor, scale: float, rank: int) 
 def squeeze_adapter(path: str | os.PathLike, rank: int, out_dir: str | os.PathLike) -> Path:
     """Write a rank-`rank` copy of a LoRA/DoRA adapter folder (PEFT format) into out_dir."""
     config = read_config(path)
-    spec = spec_from_config(config)
+    spec = spec_from_config(config, per_layer=True)
     if spec.method not in ("lora", "dora"):
         raise ValueError(f"squeeze works on LoRA and DoRA adapters, not {spec.method!r}")
-    if not 1 <= rank <= spec.r:
-        raise ValueError(f"rank must be in [1, r={spec.r}] to squeeze, got {rank}")
     tensors = read_tensors(path)
+    smallest = min((t.shape[0] for k, t in tensors.items() if k.endswith(("lora_A.weight", "lora_embedding_A"))),
+                   default=spec.r)  # with rank_pattern a layer may hold fewer than r
+    if not 1 <= rank <= smallest:
+        raise ValueError(f"rank must be in [1, {smallest}] to squeeze (the adapter's smallest layer rank), got {rank}")
     out: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         if key.endswith("lora_A.weight") or key.endswith("lora_embedding_A"):
@@ -62,12 +64,14 @@ def squeeze_adapter(path: str | os.PathLike, rank: int, out_dir: str | os.PathLi
             stem = key[: -len("lora_B.weight")] if key.endswith(".weight") else key[: -len("lora_embedding_B")]
             a_key = stem + ("lora_A.weight" if key.endswith(".weight") else "lora_embedding_A")
             a = tensors[a_key]
-            new_a, new_b = truncate_factors(a.reshape(a.shape[0], -1), t.reshape(t.shape[0], -1), spec.scale, rank)
+            scale = spec.for_layer(stem.removesuffix(".")).scale
+            new_a, new_b = truncate_factors(a.reshape(a.shape[0], -1), t.reshape(t.shape[0], -1), scale, rank)
             out[PREFIX + a_key] = new_a.reshape(rank, *a.shape[1:]).contiguous()
             out[PREFIX + key] = new_b.reshape(t.shape[0], rank, *t.shape[2:]).contiguous()
         else:
             out[PREFIX + key] = t
-    config = {**config, "r": rank, "lora_alpha": rank, "use_rslora": False}  # the scale now lives in the factors
+    config = {**config, "r": rank, "lora_alpha": rank, "use_rslora": False,  # the scale now lives in the factors
+              "rank_pattern": {}, "alpha_pattern": {}}
     target = Path(out_dir)
     atomic_write(target / WEIGHTS_FILE, lambda tmp: save_file(out, tmp, metadata={"format": "pt"}))
     atomic_write(target / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
