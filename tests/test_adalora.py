@@ -214,9 +214,8 @@ def test_old_loralab_layout_still_loads(tmp_path):
     assert loaded.rank_mask.tolist() == [1.0, 0.0, 1.0, 1.0]
 
 
-def test_a_pruned_peft_adalora_config_reads_where_per_layer_patterns_are_not_applied(tmp_path):
-    """AdaLoRA's rank_pattern is its masks, read from the tensors: the readers that refuse LoRA's per-layer
-    ranks (serving, inspect) take it."""
+def test_a_pruned_peft_adalora_config_reads_in_every_reader(tmp_path):
+    """AdaLoRA's rank_pattern is its masks, read from the tensors, not per-layer ranks (serving, inspect)."""
     from loralab.checkpoint import read_config, spec_from_config
     from loralab.inspect_adapter import summarize
 

@@ -215,19 +215,14 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix(PREFIX): v for k, v in tensors.items()}
 
 
-def spec_from_config(config: dict[str, Any], per_layer: bool = False) -> AdapterSpec:
-    """An AdapterSpec from a PEFT- or loralab-written adapter_config.json. Per-layer ranks and scales
-    (rank_pattern, alpha_pattern) of LoRA's format are refused unless the caller builds layers of their own
-    rank (`per_layer=True`: the patterns go into the spec)."""
+def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
+    """An AdapterSpec from a PEFT- or loralab-written adapter_config.json, per-layer ranks and scales
+    (rank_pattern, alpha_pattern) included: `spec.for_layer(path)` gives a layer's own."""
     peft_type = config.get("peft_type")
     formats = _peft_formats()
     if peft_type not in ("LORA", "LORALAB", *formats):
         raise ValueError(f"peft_type {peft_type!r} is not supported; loralab reads "
                          f"{', '.join(['LORA', 'LORALAB', *sorted(formats)])} adapters")
-    for field in ("rank_pattern", "alpha_pattern"):  # LoRA's; a method in a format of its own reads its own
-        if config.get(field) and not per_layer and peft_type not in formats:
-            raise ValueError(f"adapter_config.json sets {field} (per-layer ranks or scales), which this reader does "
-                             "not handle; loralab.load_adapter does")
     targets = config["target_modules"]
     layers = config.get("layers_to_transform")
     if isinstance(targets, str) or layers in (None, []):  # PEFT ignores the layers for a regex, and an empty list
@@ -246,7 +241,7 @@ def spec_from_config(config: dict[str, Any], per_layer: bool = False) -> Adapter
         dropout=float(config.get("lora_dropout") or 0.0),
         rslora=bool(config.get("use_rslora")),
         options=dict(extra.get("options") or {}),
-        **(read_patterns(config) if per_layer else {}),
+        **read_patterns(config),
         **shared,
     )
 
@@ -263,7 +258,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     """Attach the adapter saved in `path` (by loralab or by PEFT) under `name`; returns the model.
     `dtype`: its tensors' dtype (default: the base weights'; see `add_adapter`)."""
     config = read_config(path)
-    spec = spec_from_config(config, per_layer=True)
+    spec = spec_from_config(config)
     tensors = METHODS.get(spec.method).remap_saved(config, read_tensors(path))
     add_adapter(model, spec, name, activate=activate, dtype=dtype)
     try:

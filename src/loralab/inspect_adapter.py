@@ -41,7 +41,7 @@ def lora_delta_norm(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
 
 def summarize(path: str | os.PathLike) -> AdapterSummary:
     config = read_config(path)
-    spec = spec_from_config(config, per_layer=True)
+    spec = spec_from_config(config)
     tensors = read_tensors(path)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, t in tensors.items():

@@ -44,7 +44,7 @@ def short(module: str) -> str:
 
 
 def lora_factors(path: str | os.PathLike) -> tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
-    spec = spec_from_config(read_config(path), per_layer=True)
+    spec = spec_from_config(read_config(path))
     tensors = read_tensors(path)
     found = {}
     for key, a in tensors.items():

@@ -276,7 +276,7 @@ def _combine_through(model: nn.Module, dirs: list[Path], out_dir: str | os.PathL
 # ---- folders ---------------------------------------------------------------------------------
 def _folder_factors(folder: Path, config: dict[str, Any]) -> tuple[dict[str, Pair], dict[str, tuple], torch.dtype]:
     """(path → (A, s·B) canonical [r, in] / [out, r]; path → how its tensors are named and shaped; dtype)."""
-    spec = spec_from_config(config, per_layer=True)
+    spec = spec_from_config(config)
     if spec.method != "lora":
         hint = (" Pass base=<the base model> to merge it through the model" if spec.method in _lora_family()
                 else f" combine merges LoRA-family adapters ({', '.join(_lora_family())})")

@@ -31,7 +31,7 @@ def attach_unstackable(model: nn.Module, root: str | Path) -> tuple[list[str], d
     for name, folder in folders.items():
         try:
             config = read_config(folder)
-            spec = spec_from_config(config, per_layer=True)
+            spec = spec_from_config(config)
         except (ValueError, KeyError, TypeError):
             continue  # the pool reports it when it tries to register the folder
         if unstackable(config, spec):
@@ -42,7 +42,7 @@ def attach_unstackable(model: nn.Module, root: str | Path) -> tuple[list[str], d
         if missing:
             rejected[name] = f"its expert adapters {missing} are not under {root}"
         for expert in set(experts) - set(missing) - set(specs):
-            specs[expert] = spec_from_config(read_config(folders[expert]), per_layer=True)
+            specs[expert] = spec_from_config(read_config(folders[expert]))
     attached = []
     for name in sorted(specs, key=lambda n: specs[n].method == "meteora"):  # experts before their routers
         if name in rejected:

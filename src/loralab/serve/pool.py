@@ -159,7 +159,7 @@ class AdapterPool:
                              "only folders under the root are served")
         config = read_config(resolved)
         try:
-            spec = spec_from_config(config, per_layer=True)
+            spec = spec_from_config(config)
         except (KeyError, TypeError) as err:
             raise ValueError(f"{resolved / CONFIG_FILE} is not a valid adapter config: {err}") from None
         reasons = unstackable(config, spec)

@@ -48,7 +48,7 @@ def truncate_factors(a: torch.Tensor, b: torch.Tensor, scale: float, rank: int) 
 def squeeze_adapter(path: str | os.PathLike, rank: int, out_dir: str | os.PathLike) -> Path:
     """Write a rank-`rank` copy of a LoRA/DoRA adapter folder (PEFT format) into out_dir."""
     config = read_config(path)
-    spec = spec_from_config(config, per_layer=True)
+    spec = spec_from_config(config)
     if spec.method not in ("lora", "dora"):
         raise ValueError(f"squeeze works on LoRA and DoRA adapters, not {spec.method!r}")
     tensors = read_tensors(path)
