@@ -1,7 +1,9 @@
 """Per-layer ranks and scales, in HF PEFT's terms: `rank_pattern` and `alpha_pattern` in
 adapter_config.json map module names to a layer's own r and lora_alpha (its scale is then
-lora_alpha / r, or / √r with rsLoRA). EVA's rank redistribution (arXiv 2410.07170, inits/eva.py)
-gives layers different ranks; saving writes the patterns and loading reads them, PEFT's as well.
+lora_alpha / r, or / √r with rsLoRA). A spec's own patterns (AdapterSpec.rank_pattern, built layer by
+layer in add_adapter) and EVA's rank redistribution (arXiv 2410.07170, inits/eva.py) give layers
+ranks of their own; saving writes the patterns from the layers as built, and reading puts them into
+the spec (PEFT's LoRA, LoHa and LoKr files as well).
 
 PEFT matches a pattern key k against a module name n with `re.match(rf"(.*\\.)?({k})$", n)`, first
 key first (peft.utils.other.get_pattern_key); loralab reads keys by the same rule, and writes full
