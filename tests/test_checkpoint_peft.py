@@ -153,3 +153,20 @@ def test_config_holds_only_fields_peft_knows(tmp_path, method):
         warnings.simplefilter("always")
         PeftConfig.from_pretrained(tmp_path)
     assert sum("Unexpected keyword arguments" in str(w.message) for w in caught) == (1 if unknown else 0)
+
+
+def test_loralab_layout_records_the_options_defaults_it_was_made_with(tmp_path, monkeypatch):
+    """A later change of a method's default does not change what an older file means."""
+    from method_harness import Stack
+
+    from loralab.methods.bone import Bone
+
+    net = Stack()
+    ll.add_adapter(net, ll.AdapterSpec(method="bone", r=4, targets=["b"]))  # default share="columns": LORALAB
+    with torch.no_grad():
+        net.b.adapters["default"].bone_B.normal_()
+    ll.save_adapter(net, tmp_path)
+    assert ll.read_config(tmp_path)["loralab"]["options"] == {"share": "columns"}
+    monkeypatch.setattr(Bone, "option_defaults", {"share": "rows"})
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(ll.load_adapter(Stack(), tmp_path)(x), net(x))

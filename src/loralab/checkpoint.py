@@ -128,7 +128,8 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
             return {**shared, **fields}
     if config["peft_type"] == "LORALAB":
         config["loralab"] = {"format_version": FORMAT_VERSION, "method": spec.method,
-                             "options": spec.options, "init": spec.init}
+                             "options": {**method.option_defaults, **spec.options},  # defaults as they were
+                             "init": spec.init}
     return config
 
 
