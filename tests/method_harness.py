@@ -191,3 +191,18 @@ def check_reads_peft(tmp_path, config, fresh: Callable[[], nn.Module], x: torch.
     net = ll.load_adapter(fresh(), tmp_path).eval()
     torch.testing.assert_close(net(x), theirs(x), atol=1e-5, rtol=1e-5)
     return net
+
+
+def check_same_file_as_peft(tmp_path, theirs: nn.Module, ours: nn.Module, fields: tuple[str, ...],
+                            exact: bool = True) -> None:
+    """PEFT's model `theirs` and loralab's `ours` (the same settings) save files with the same tensor names and
+    shapes (`exact`: the same values, to the bit: bases drawn and trainables started as PEFT does) and
+    the same values of these config fields."""
+    theirs.save_pretrained(tmp_path / "peft")
+    ll.save_adapter(ours, tmp_path / "ours")
+    peft_tensors, our_tensors = (ll.read_tensors(tmp_path / side) for side in ("peft", "ours"))
+    assert {k: v.shape for k, v in our_tensors.items()} == {k: v.shape for k, v in peft_tensors.items()}
+    for key in peft_tensors if exact else ():
+        torch.testing.assert_close(our_tensors[key], peft_tensors[key], atol=0, rtol=0, msg=key)
+    peft_config, config = (ll.read_config(tmp_path / side) for side in ("peft", "ours"))
+    assert {f: config[f] for f in fields} == {f: peft_config[f] for f in fields}

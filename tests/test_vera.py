@@ -11,6 +11,7 @@ from method_harness import (
     check_param_count,
     check_peft_reads,
     check_reads_peft,
+    check_same_file_as_peft,
     check_save_load,
     check_training_lowers_loss,
     randomise_trainables,
@@ -91,17 +92,11 @@ def test_file_has_peft_keys_and_fields(tmp_path):
     from peft import get_peft_model
 
     extra = {"r": 5, "bias": "lora_only", "dropout": 0.2, "options": {"seed": 2, "d_init": 0.3}}
-    get_peft_model(Stack(), peft_vera_config(extra, init_weights=True)).save_pretrained(tmp_path / "peft")
     net = Stack()
     ll.add_adapter(net, ll.AdapterSpec(method="vera", targets=["a", "b", "c"], **extra))
-    ll.save_adapter(net, tmp_path / "ours")
-    theirs, ours = (ll.read_tensors(tmp_path / side) for side in ("peft", "ours"))
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
-    for key in theirs:  # the bases drawn as PEFT draws them, to the bit, and b, d started as PEFT starts them
-        torch.testing.assert_close(ours[key], theirs[key], atol=0, rtol=0, msg=key)
-    peft_config, config = (ll.read_config(tmp_path / side) for side in ("peft", "ours"))
-    fields = ("peft_type", "r", "projection_prng_key", "save_projection", "d_initial", "vera_dropout", "bias")
-    assert {f: config[f] for f in fields} == {f: peft_config[f] for f in fields}
+    check_same_file_as_peft(tmp_path, get_peft_model(Stack(), peft_vera_config(extra, init_weights=True)), net,
+                            ("peft_type", "r", "projection_prng_key", "save_projection", "d_initial", "vera_dropout",
+                             "bias"))
 
 
 def test_loralab_layout_still_loads(tmp_path):

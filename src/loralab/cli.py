@@ -10,15 +10,14 @@ from collections.abc import Callable
 
 def _parse_options(pairs: list[str]) -> dict:
     """--option key=value (value parsed as JSON when it can be: numbers, true/false, lists)."""
+    from loralab.spec import option_value
+
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SystemExit(f"--option wants key=value, got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        out[key] = option_value(value)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -17,6 +18,23 @@ def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", path):
             return value
     return default
+
+
+def is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def is_alpha(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def option_value(text: str) -> Any:
+    """A method option given as text (`--option k=v`, a compare variant): JSON where it parses (numbers,
+    true/false, lists), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 @dataclass
@@ -74,9 +92,9 @@ class AdapterSpec:
         self.validate()
 
     def validate(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+        if not is_rank(self.r):
             raise ValueError(f"r must be a positive integer (the adapter's rank), got {self.r!r}")
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha <= 0:
+        if not is_alpha(self.alpha):
             raise ValueError(f"alpha must be a positive number (scale = alpha / r), got {self.alpha!r}")
         if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -90,7 +108,8 @@ class AdapterSpec:
         self._validate_patterns()
 
     def _validate_patterns(self) -> None:
-        for field_name, positive in (("rank_pattern", "a positive integer"), ("alpha_pattern", "a positive number")):
+        for field_name, valid, positive in (("rank_pattern", is_rank, "a positive integer"),
+                                            ("alpha_pattern", is_alpha, "a positive number")):
             for key, value in getattr(self, field_name).items():
                 if not isinstance(key, str) or not key:
                     raise ValueError(f"{field_name} keys are module names or their endings, got {key!r}")
@@ -98,10 +117,7 @@ class AdapterSpec:
                     re.compile(key)
                 except re.error as err:
                     raise ValueError(f"{field_name} key {key!r} is not a valid regular expression: {err}") from None
-                bad = isinstance(value, bool) or (
-                    not isinstance(value, int) or value < 1 if field_name == "rank_pattern"
-                    else not isinstance(value, int | float) or not math.isfinite(value) or value <= 0)
-                if bad:
+                if not valid(value):
                     raise ValueError(f"{field_name}[{key!r}] must be {positive}, got {value!r}")
 
     def for_layer(self, path: str) -> AdapterSpec:

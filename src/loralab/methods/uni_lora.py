@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
-from loralab.methods.base import METHODS, AdapterMethod, FactoredMethod
+from loralab.methods.base import METHODS, AdapterMethod, FactoredMethod, check_shape
 from loralab.spec import AdapterSpec
 
 STARTS = ("kaiming", "uniform")
@@ -147,10 +147,8 @@ class UniLoRA(FactoredMethod):
         with torch.no_grad():
             for side, part in (("A", self.part_a), ("B", self.part_b)):
                 index, scale = tensors[f"unilora_indices_{side}"], tensors[f"unilora_scales_{side}"]
-                for key, t in ((f"unilora_indices_{side}", index), (f"unilora_scales_{side}", scale)):
-                    if tuple(t.shape) != shapes[side]:
-                        raise ValueError(f"tensor {where}.{key} has shape {list(t.shape)} in the adapter file but "
-                                         f"the model needs {list(shapes[side])}")
+                check_shape(f"{where}.unilora_indices_{side}", index.shape, shapes[side])
+                check_shape(f"{where}.unilora_scales_{side}", scale.shape, shapes[side])
                 if int(index.min()) < 0 or int(index.max()) >= self.shared.theta.numel():
                     raise ValueError(f"{where}.unilora_indices_{side} points outside θ (length "
                                      f"{self.shared.theta.numel()})")

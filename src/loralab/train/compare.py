@@ -31,7 +31,7 @@ from loralab.devices import resolve_device
 from loralab.methods.base import METHODS
 from loralab.model import add_adapter, trainable_parameters
 from loralab.profiling import saved_tensor_megabytes
-from loralab.spec import AdapterSpec
+from loralab.spec import AdapterSpec, option_value
 from loralab.train.data import collate, make_examples
 from loralab.train.recipes import DataSpec, load_data, load_model_for, with_head
 from loralab.train.trainer import TrainConfig, Trainer, compute_loss, evaluate
@@ -86,10 +86,7 @@ def parse_variant(entry: str) -> tuple[str, dict]:
         if key not in cls.option_defaults:
             allowed = ", ".join(sorted(cls.option_defaults)) or "none"
             raise ValueError(f"method variant {entry!r}: {name} has no option {key!r}; it takes: {allowed}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+        options[key] = option_value(value)
     return name, options
 
 
