@@ -52,7 +52,7 @@ class LayerKind:
     def matrix(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The canonical [out, in] view of `weight` (default: the base weight)."""
         w = self.weight if weight is None else weight
-        return w.reshape(w.shape[0], -1)
+        return w if w.dim() == 2 else w.reshape(w.shape[0], -1)
 
     def to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
         """A canonical [out, in] matrix in the base weight's own shape."""

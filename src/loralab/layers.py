@@ -100,7 +100,7 @@ class AdaptedLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         alone = self._alone
         if alone and not args and not kwargs:
-            if self.siblings is not None:
+            if self.siblings is not None and torch.is_grad_enabled():  # (siblings group only then)
                 out = self.siblings.output(self, x)
                 if out is not None:
                     return out

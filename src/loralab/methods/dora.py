@@ -95,10 +95,11 @@ class DoRA(LoRA):
 
     def fused_terms(self, x: torch.Tensor) -> LowRankTerms | None:
         """The apply_alone result with the base matmul inside the fused step (loralab.fused_lora)."""
-        if (self.dropout is not None and self.training) or not self.can_fuse(x, self.lora_A, self.lora_B):
+        if self.dropout is not None and self.training:
             return None  # with dropout the base also sees the dropped input: the usual path does that
-        return LowRankTerms(self.layer.matrix(), self.layer.bias, self.lora_A, self.lora_B, self.scale,
-                            gain=self.gain())
+        a, b = self.lora_A, self.lora_B
+        base = self.fused_base(x, a, b)
+        return None if base is None else LowRankTerms(*base, a, b, self.scale, gain=self.gain())
 
     def delta_weight(self) -> torch.Tensor:
         w = self.layer.matrix(self.layer.weight.detach())

@@ -80,26 +80,29 @@ class LoRA(AdapterMethod):
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, a.shape[0]), b.T, alpha=s)
         return flat.view(out.shape)
 
-    def can_fuse(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-        """Whether `loralab.fused_lora` computes this layer: a plain linear layer (see
-        LayerKind.runs_plain) with a frozen base (a base trained alongside needs its own gradient)
-        and one dtype throughout unless autocast casts."""
+    def fused_base(self, x: torch.Tensor, a: torch.Tensor,
+                   b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(W [out, in], bias) where `loralab.fused_lora` may compute this layer, else None: a plain
+        linear layer (see LayerKind.runs_plain) with a frozen base (a base trained alongside needs its
+        own gradient) and one dtype throughout unless autocast casts."""
         layer = self.layer
         if layer.name not in ("linear", "hf-conv1d") or not x.is_floating_point() or not layer.runs_plain():
-            return False
+            return None
         w, bias = layer.weight, layer.bias
         if w.requires_grad or (bias is not None and bias.requires_grad):
-            return False
-        return torch.is_autocast_enabled(x.device.type) or x.dtype == w.dtype == a.dtype == b.dtype
+            return None
+        if x.dtype == w.dtype == a.dtype == b.dtype or torch.is_autocast_enabled(x.device.type):
+            return layer.matrix(w), bias
+        return None
 
     def fused_terms(self, x: torch.Tensor) -> LowRankTerms | None:
         if not self._fusable:
             return None
         a, b, s = self.factors()
-        if not self.can_fuse(x, a, b):
+        base = self.fused_base(x, a, b)
+        if base is None:
             return None
-        return LowRankTerms(self.layer.matrix(), self.layer.bias, a, b, s,
-                            dropout=self.dropout if self.training else None)
+        return LowRankTerms(*base, a, b, s, dropout=self.dropout if self.training else None)
 
     # PEFT names: lora_A.weight / lora_B.weight (conv: kernel shapes), lora_embedding_A / _B.
     def to_saved(self) -> dict[str, torch.Tensor]:
