@@ -28,7 +28,6 @@ ATTACHED = {
     "dora": ll.AdapterSpec(method="dora", r=4, alpha=8, targets=["q_proj", "v_proj"]),
     "vera": ll.AdapterSpec(method="vera", r=8, targets=["o_proj", "up_proj"]),
     "moe": ll.AdapterSpec(method="loramoe", r=2, targets=["q_proj", "down_proj"], options={"experts": 3, "top_k": 2}),
-    "ranked": ll.AdapterSpec(r=2, alpha=4, targets=["q_proj", "v_proj"], rank_pattern={"v_proj": 6}),  # per-layer r
 }
 EXPERTS = ["e1", "e2"]
 

@@ -1,6 +1,6 @@
 """Mixed-adapter LoRA: the BGMV and SGMV kernels against a per-row loop, and a whole model whose
-batch mixes adapters (different ranks and targets, rsLoRA, the output head) and base rows
-against the same model running each adapter alone through `ll.load_adapter`.
+batch mixes adapters (different ranks and targets, rsLoRA, per-layer ranks and scales, the output
+head) and base rows against the same model running each adapter alone through `ll.load_adapter`.
 
 The helpers here (tiny Llama, random adapters on disk) are shared by the other serve tests."""
 
@@ -30,6 +30,8 @@ SPECS = {  # different ranks, target sets and scalings in one batch
     "qv2": ll.AdapterSpec(r=2, alpha=4, targets=["q_proj", "v_proj"]),
     "all8": ll.AdapterSpec(r=8, alpha=8, targets="all-linear"),
     "head4": ll.AdapterSpec(r=4, alpha=16, targets=["o_proj", "down_proj", "lm_head"], rslora=True),
+    "ranked": ll.AdapterSpec(r=2, alpha=4, targets=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 6},
+                             alpha_pattern={"down_proj": 12}),  # per-layer r and alpha
 }
 
 
@@ -169,9 +171,9 @@ def test_mixed_batch_matches_each_adapter_alone(tmp_path, monkeypatch, kernel):
         save_lora(base, tmp_path / name, spec, seed=i)
     ref = reference(base, tmp_path, SPECS)
     model = copy.deepcopy(base)
-    pool = AdapterPool(tmp_path, max_loaded=3, model=model)
+    pool = AdapterPool(tmp_path, max_loaded=len(SPECS), model=model)
     slots = {None: -1} | {name: pool.acquire(name).slot for name in SPECS}
-    rows = [None, "qv2", "all8", "head4", "all8", None, "qv2"]
+    rows = [None, "qv2", "all8", "ranked", "head4", "all8", None, "ranked", "qv2"]
     ids = torch.randint(1, 64, (len(rows), 6), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         pool.rows.assign([slots[r] for r in rows])

@@ -10,7 +10,8 @@ time; `pin` keeps an adapter resident. Adapters in use by running requests (`acq
 Loading reads the PEFT-format folder, checks every tensor against the base layer's shape
 and only then touches a slot, so a bad file leaves the pool as it was. Folders must lie
 inside the pool's root. The batched path serves plain LoRA on `nn.Linear` layers (PEFT
-`peft_type: LORA`, rsLoRA included); DoRA, biases, `modules_to_save` and embedding LoRA are
+`peft_type: LORA`, rsLoRA and per-layer ranks and scales included: each layer's factors
+go into the stack of their own rank class); DoRA, biases, `modules_to_save` and embedding LoRA are
 refused at registration with the reason (`unstackable`) — attach those to the model instead
 (`serve/attached.py`), and the engine serves them through the core per-row path. The pool
 puts its slots inside such attached layers, so both kinds share every batch.
@@ -46,7 +47,6 @@ def unstackable(config: dict, spec: AdapterSpec) -> list[str]:
         (bool(spec.modules_to_save), f"modules_to_save={spec.modules_to_save}"),
         (bool(config.get("fan_in_fan_out")), "fan_in_fan_out (Conv1D layers)"),
         (bool(config.get("lora_bias")), "lora_bias"),
-        (bool(spec.rank_pattern or spec.alpha_pattern), "per-layer ranks or scales (rank_pattern, alpha_pattern)"),
     ) if bad]
 
 
@@ -70,8 +70,7 @@ class PoolPinned(RuntimeError):
 class _Entry:
     name: str
     folder: Path
-    rank: int
-    scale: float
+    spec: AdapterSpec  # each layer's rank and scale: spec.for_layer(path)
     slot: int | None = None
     users: int = 0
     pinned: bool = False
@@ -171,7 +170,7 @@ class AdapterPool:
         with self._lock:
             if name in self._entries:
                 raise ValueError(f"an adapter named {name!r} is already registered; remove it first")
-            self._entries[name] = _Entry(name, resolved, spec.r, spec.scale)
+            self._entries[name] = _Entry(name, resolved, spec)
             self.rejected.pop(name, None)
 
     def verify(self, name: str) -> None:
@@ -313,7 +312,7 @@ class AdapterPool:
                              f"unpin one or raise max_loaded to serve {entry.name!r}")
         raise PoolBusy(f"all {self.max_loaded} adapter slots are in use by running requests")
 
-    def _place(self, entry: _Entry, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    def _place(self, entry: _Entry, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
                keep: Collection[_Entry] = ()) -> None:
         """Write checked factors into a free slot, or the least recently used one nobody holds."""
         self._check_room(entry, keep)
@@ -323,14 +322,14 @@ class AdapterPool:
             slot = victim.slot
             self._unload(victim)
             self._counts["evictions"] += 1
-        for path, (a, b) in factors.items():
-            wrap_linear(self.model, path, self.rows, self.max_loaded).factors.write(slot, a, b, entry.scale)
+        for path, (a, b, scale) in factors.items():
+            wrap_linear(self.model, path, self.rows, self.max_loaded).factors.write(slot, a, b, scale)
         for path in self._slot_layers[slot] - set(factors):
             self.model.get_submodule(path).factors.clear(slot)
         self._slot_layers[slot] = set(factors)
         self._slots[slot] = entry
         entry.slot = slot
-        entry.nbytes = sum((a.numel() + b.numel()) * a.element_size() for a, b in factors.values())
+        entry.nbytes = sum((a.numel() + b.numel()) * a.element_size() for a, b, _ in factors.values())
         self._lru[entry] = None
 
     def _unload(self, entry: _Entry) -> None:
@@ -344,8 +343,9 @@ class AdapterPool:
         entry.nbytes = 0
         self._lru.pop(entry, None)
 
-    def _read(self, entry: _Entry) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{layer path: (A [r, in], B [out, r])} in the base weight's dtype, every shape checked."""
+    def _read(self, entry: _Entry) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """{layer path: (A [r, in], B [out, r], scale)}, A and B in the base weight's dtype, every shape
+        checked against the layer's own rank."""
         try:
             return self._read_checked(entry)
         except AdapterLoadError:
@@ -353,7 +353,7 @@ class AdapterPool:
                 self._counts["load_errors"] += 1
             raise
 
-    def _read_checked(self, entry: _Entry) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _read_checked(self, entry: _Entry) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         try:
             if not entry.folder.resolve().is_relative_to(self.root):  # replaced by a link since registration
                 raise ValueError(f"the folder now lies outside the pool's root {self.root}")
@@ -366,7 +366,8 @@ class AdapterPool:
                     raise ValueError(f"tensor {key} is not a LoRA factor of a linear layer "
                                      "(the mixed-batch path serves lora_A.weight / lora_B.weight only)")
                 groups.setdefault(path, {})[factor] = t
-            return {self._slot_path(path): self._checked(path, group, entry.rank) for path, group in groups.items()}
+            return {self._slot_path(path): self._checked(path, group, entry.spec.for_layer(path))
+                    for path, group in groups.items()}
         except (ValueError, FileNotFoundError) as err:
             raise AdapterLoadError(f"adapter {entry.name!r} ({entry.folder}) cannot be loaded: {err}") from None
 
@@ -374,7 +375,8 @@ class AdapterPool:
         """Where the slots of layer `path` go: inside an attached adapter's layer, around its base."""
         return f"{path}.base_layer" if isinstance(self.model.get_submodule(path), AdaptedLayer) else path
 
-    def _checked(self, path: str, group: dict[str, torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _checked(self, path: str, group: dict[str, torch.Tensor],
+                 spec: AdapterSpec) -> tuple[torch.Tensor, torch.Tensor, float]:
         if set(group) != {"A", "B"}:
             missing = "lora_A.weight" if "A" not in group else "lora_B.weight"
             raise ValueError(f"the file has no {path}.{missing}")
@@ -387,7 +389,7 @@ class AdapterPool:
         base = module
         if not isinstance(base, nn.Linear):
             raise ValueError(f"{path} is a {type(base).__name__}; the mixed-batch path adapts nn.Linear layers only")
-        check_shape(f"{path}.lora_A.weight", group["A"].shape, (rank, base.in_features))
-        check_shape(f"{path}.lora_B.weight", group["B"].shape, (base.out_features, rank))
+        check_shape(f"{path}.lora_A.weight", group["A"].shape, (spec.r, base.in_features))
+        check_shape(f"{path}.lora_B.weight", group["B"].shape, (base.out_features, spec.r))
         w = base.weight
-        return group["A"].to(w.device, w.dtype), group["B"].to(w.device, w.dtype)
+        return group["A"].to(w.device, w.dtype), group["B"].to(w.device, w.dtype), spec.scale
