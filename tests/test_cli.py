@@ -1,5 +1,6 @@
 """The `loralab` command, run in-process: train → inspect → eval → merge, help, and bad input."""
 
+import argparse
 import json
 
 import pytest
@@ -16,6 +17,19 @@ def test_every_command_has_help(command, capsys):
         main([command, "--help"])
     assert done.value.code == 0
     assert len(capsys.readouterr().out) > 100
+    parser = argparse.ArgumentParser()
+    COMMANDS[command][1](parser)
+    bare = [a.option_strings or a.dest for a in parser._actions if not a.help]
+    assert not bare, f"options of `loralab {command}` without help: {bare}"
+
+
+def test_help_shows_defaults_that_say_something(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "peak learning rate (default: 0.0005)" in out and "(default: 0)" in out  # a zero default is one
+    assert "(default: None)" not in out and "(default: False)" not in out
+    assert "adapter/ (default" not in out  # --out is required
 
 
 def test_methods_lists_papers(capsys):

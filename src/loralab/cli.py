@@ -82,10 +82,11 @@ def add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
     g.add_argument("--test-file", help="evaluation data in the same format")
     g.add_argument("--kind", choices=["classification", "causal-lm"], default="classification",
                    help="what your files hold")
-    g.add_argument("--text-field", default="text")
-    g.add_argument("--label-field", default="label")
-    g.add_argument("--prompt-field", default="prompt")
-    g.add_argument("--response-field", default="response")
+    g.add_argument("--text-field", default="text", help="column with the text (classification)")
+    g.add_argument("--label-field", default="label", help="column with the class label (classification)")
+    g.add_argument("--prompt-field", default="prompt", help="column with the prompt (causal-lm)")
+    g.add_argument("--response-field", default="response",
+                   help="column with the response, the only tokens the loss counts (causal-lm)")
     if train:
         g.add_argument("--max-train", type=int, help="use at most this many training rows")
     g.add_argument("--max-test", type=int, help="use at most this many evaluation rows")
@@ -126,20 +127,22 @@ def train_args(p: argparse.ArgumentParser) -> None:
     add_adapter_args(p)
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=300, help="optimiser steps")
-    g.add_argument("--lr", type=float, default=5e-4)
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    g.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="forward passes per optimiser step (effective batch = batch-size × this)")
     g.add_argument("--warmup", type=int, default=20, help="warm-up steps")
-    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
+                   help="learning-rate decay after the warm-up")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
     g.add_argument("--optimizer", default="adamw", help="adamw, lora+, lora-fa, lora-pro, altlora, riemannian")
     g.add_argument("--optimizer-option", action="append", metavar="KEY=VALUE", help="e.g. ratio=16 for lora+")
     g.add_argument("--rank-schedule", help="adalora, increlora, dylora, sora or lora-squeeze (trainer callback)")
     g.add_argument("--rank-option", action="append", metavar="KEY=VALUE", help="e.g. target_rank=4 for adalora")
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed for the adapter's initialisation, data order and dropout")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--compile", action="store_true",
@@ -177,7 +180,7 @@ def train(args: argparse.Namespace) -> int:
 def eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="minilm-l6", help="embedded model or local HF folder")
     p.add_argument("--adapter", help="adapter folder (omit to score the base model alone)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
     add_data_args(p, train=False)
     add_device_args(p, precision=True)
 
@@ -210,7 +213,7 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
 # ---- demo ----------------------------------------------------------------------------------
 def demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run folder")
-    p.add_argument("--steps", type=int, default=450)
+    p.add_argument("--steps", type=int, default=450, help="optimiser steps")
     add_device_args(p)
 
 
@@ -304,10 +307,11 @@ def generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="smollm2-135m", help="embedded model name or local HF folder")
     p.add_argument("--adapter", help="adapter folder to apply (omit for the base model alone)")
     p.add_argument("--prompt", required=True, help="the user message (or raw text with --no-chat)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: sample among the likeliest tokens holding this much mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the model's chat template")
     p.add_argument("--unmerged", action="store_true",
                    help="keep the adapter out of the weights (default: folded into float32 weights first, which "
@@ -378,10 +382,10 @@ def compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-grid", type=int, default=3, choices=[1, 3, 5], help="learning rates per method")
     p.add_argument("--extend", type=int, default=2,
                    help="extra rates tried past the grid's edge while the best rate is the lowest or highest tried")
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-train", type=int, default=3000)
-    p.add_argument("--max-test", type=int)
+    p.add_argument("--r", type=int, default=8, help="rank of every method's adapter")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per step")
+    p.add_argument("--max-train", type=int, default=3000, help="training rows used")
+    p.add_argument("--max-test", type=int, help="test rows used (default: all)")
     p.add_argument("--out", required=True, help="folder for results.csv, results.md, results.png")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in --out (same settings) and run only the missing methods")
@@ -444,7 +448,7 @@ def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters", help="folder of PEFT-format LoRA adapters, each registered under its relative path; "
                                       "POST /v1/adapters adds folders under it while the server runs")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--max-loaded", type=int, default=64, help="adapters resident at once (least recently used "
                                                                "evicted)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
@@ -481,6 +485,17 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it says something: not for flags, required options, a default of
+    None, or help that already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.required or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="loralab", description="Low-rank adapters for PyTorch models: train, save (HF PEFT format), "
@@ -489,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="command")
     for name, (help_text, add_args, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
         add_args(p)
     args = parser.parse_args(argv)
     if not args.command:
