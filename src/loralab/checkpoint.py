@@ -26,6 +26,7 @@ from torch import nn
 from loralab.layers import SavedModule
 from loralab.methods.base import METHODS, SavedTensors, check_shape
 from loralab.model import adapted_layers, add_adapter, get_spec, methods_of, remove_adapter, wrappers
+from loralab.peft_inits import init_from_peft
 from loralab.rank_pattern import layer_patterns, read_patterns
 from loralab.spec import AdapterSpec
 from loralab.targets import candidate_modules, matches
@@ -235,8 +236,10 @@ def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
         return AdapterSpec(**{**shared, **formats[peft_type].spec_from_peft(config)})
     extra = config.get("loralab") or {}
     method = extra.get("method") or ("dora" if config.get("use_dora") else "lora")
+    init = init_from_peft(config) if peft_type == "LORA" else None
     return AdapterSpec(
         method=method,
+        **({"init": init} if init else {}),
         r=int(config["r"]),
         alpha=float(config.get("lora_alpha", config["r"])),
         dropout=float(config.get("lora_dropout") or 0.0),

@@ -67,18 +67,24 @@ def initialiser(name: str, summary: str, paper: str = "", needs_data: bool = Fal
 
 @torch.no_grad()
 def start_from_factors(method: AdapterMethod, b: torch.Tensor, a: torch.Tensor) -> None:
-    """Set s·BA = b @ a and move that part out of the base weight, so the output is unchanged.
+    """Start with s·BA = b @ a (B = b/√s, A = a/√s) and move that part out of the base weight, so the
+    output is unchanged (see `start_from`)."""
+    root = method.scale ** 0.5
+    start_from(method, b / root, a / root)
+
+
+def start_from(method: AdapterMethod, b: torch.Tensor, a: torch.Tensor) -> None:
+    """Start with B = b and A = a and move s·BA out of the base weight, so the output is unchanged.
 
     The method remembers the factors it started from (`base_offset`): the base now differs
     from the original by −s·B₀A₀, and saving converts the adapter back to one that applies to
     the original base (see checkpoint.py).
     """
-    root = method.scale ** 0.5
-    method.lora_B.copy_(b / root)
-    method.lora_A.copy_(a / root)
+    method.lora_B.copy_(b)
+    method.lora_A.copy_(a)
     layer = method.layer
     weight = layer.weight
-    residual = layer.matrix(weight.detach()).float() - b.float() @ a.float()
+    residual = layer.matrix(weight.detach()).float() - method.scale * (b.float() @ a.float())
     weight.copy_(layer.to_weight(residual.to(weight.dtype)))
     method.base_offset = (method.lora_A.detach().clone(), method.lora_B.detach().clone())
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loralab.inits.base import InitContext, initialiser, low_rank_methods, start_from_factors
+from loralab.inits.base import InitContext, initialiser, low_rank_methods, start_from
 from loralab.inits.calibration import weight_gradients
 from loralab.methods.base import AdapterMethod
 
@@ -33,4 +33,4 @@ def lora_ga(model: nn.Module, adapted: list[tuple[str, AdapterMethod]], context:
         zeta = method.layer.out_features ** 0.25 / GAMMA**0.5
         r = method.r
         b, a = zeta * u[:, r:2 * r], zeta * vh[:r]
-        start_from_factors(method, (b * method.scale**0.5).float(), (a * method.scale**0.5).float())
+        start_from(method, b.float(), a.float())

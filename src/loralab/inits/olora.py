@@ -1,6 +1,7 @@
 """OLoRA: orthonormal LoRA initialisation by QR (Büyükakyüz, arXiv 2406.01775).
 
-W = QR; B = Q[:, :r] (orthonormal columns), A = R[:r]; the base keeps W − s·BA.
+W = QR; B = Q[:, :r] (orthonormal columns), A = R[:r], unscaled; the base keeps W − s·BA (as the
+paper and PEFT's `init_lora_weights="olora"`, which its author wrote, do).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loralab.inits.base import InitContext, initialiser, low_rank_methods, start_from_factors
+from loralab.inits.base import InitContext, initialiser, low_rank_methods, start_from
 from loralab.methods.base import AdapterMethod
 
 
@@ -18,4 +19,4 @@ from loralab.methods.base import AdapterMethod
 def olora(model: nn.Module, adapted: list[tuple[str, AdapterMethod]], context: InitContext) -> None:
     for method in low_rank_methods(adapted, "olora"):
         q, r = torch.linalg.qr(method.layer.matrix().float())
-        start_from_factors(method, q[:, : method.r], r[: method.r])
+        start_from(method, q[:, : method.r], r[: method.r])

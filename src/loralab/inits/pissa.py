@@ -2,8 +2,8 @@
 
 A and B start from the top-r singular triplets of W: with W = U S Vᵀ, B = U_r S_r^{1/2},
 A = S_r^{1/2} V_rᵀ (divided by √scale so that s·BA is the principal part), and the base
-keeps the residual W_res = W − s·BA, so the model's output is unchanged at the start.
-`svd_lowrank` (randomised, PiSSA's "fast SVD") is used when option-free exact SVD would be slow.
+keeps the residual W_res = W − s·BA, so the model's output is unchanged at the start. The SVD is
+exact (PEFT's "pissa"; its "pissa_niter_N" is a randomised estimate of the same factors).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from loralab.checkpoint import CONFIG_FILE, load_adapter, read_config, spec_from_config
-from loralab.serve.pool import unstackable
+from loralab.serve.pool import BASE_CHANGING, unstackable
 from loralab.spec import AdapterSpec
 
 
@@ -34,7 +34,10 @@ def attach_unstackable(model: nn.Module, root: str | Path) -> tuple[list[str], d
             spec = spec_from_config(config)
         except (ValueError, KeyError, TypeError):
             continue  # the pool reports it when it tries to register the folder
-        if unstackable(config, spec):
+        reasons = unstackable(config, spec)
+        if BASE_CHANGING in reasons:
+            rejected[name] = f"cannot be served: it uses {BASE_CHANGING}"
+        elif reasons:
             specs[name] = spec
     for name, spec in list(specs.items()):
         experts = spec.options.get("experts", []) if spec.method == "meteora" else []

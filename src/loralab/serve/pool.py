@@ -32,11 +32,17 @@ from loralab.checkpoint import CONFIG_FILE, read_config, read_tensors, spec_from
 from loralab.layers import AdaptedLayer
 from loralab.methods.base import check_shape
 from loralab.model import adapter_names
+from loralab.peft_inits import changes_base
 from loralab.registry import close_matches
 from loralab.serve.batched_lora import BatchedLoRALinear, RowSlots, wrap_linear
 from loralab.spec import AdapterSpec
 
 FACTOR_KEYS = {"lora_A.weight": "A", "lora_B.weight": "B"}
+
+
+BASE_CHANGING = ("PEFT's init_lora_weights set to an init that changes the base weights, which every served adapter "
+                 "shares (load it and save it with loralab.save_adapter: that writes it as a LoRA on the original "
+                 "base, which the pool can hold)")
 
 
 def unstackable(config: dict, spec: AdapterSpec) -> list[str]:
@@ -47,6 +53,7 @@ def unstackable(config: dict, spec: AdapterSpec) -> list[str]:
         (bool(spec.modules_to_save), f"modules_to_save={spec.modules_to_save}"),
         (bool(config.get("fan_in_fan_out")), "fan_in_fan_out (Conv1D layers)"),
         (bool(config.get("lora_bias")), "lora_bias"),
+        (config.get("peft_type") == "LORA" and changes_base(config), BASE_CHANGING),
     ) if bad]
 
 

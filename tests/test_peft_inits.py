@@ -1,0 +1,98 @@
+"""PEFT LoRA files saved with an init that changes the base (PiSSA, OLoRA) and not converted: loralab
+re-forms the residual base as PEFT's own reload does, and gives PEFT's outputs; files whose base
+cannot be re-formed (CorDA, LoftQ, LoRA-GA) are refused, and so is serving any of them.
+
+The reference is PEFT itself: the trained PEFT model, and `PeftModel.from_pretrained` on a fresh base."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+import loralab as ll
+from loralab.serve.attached import attach_unstackable
+from loralab.serve.pool import AdapterPool
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Linear(16, 12), nn.Linear(12, 12), nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+X = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+
+
+def peft_trained(folder, init, use_dora=False):
+    """A PEFT adapter made with `init`, its factors moved as training would, saved without conversion."""
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=16, target_modules=["a", "b"], init_lora_weights=init,
+                                             use_dora=use_dora))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+        model.save_pretrained(folder)
+        with model.disable_adapter():
+            residual = model(X)
+        return model(X), residual
+
+
+@pytest.mark.parametrize("init,use_dora", [("pissa", False), ("olora", False), ("pissa", True)])
+def test_loads_as_peft_reloads_it(tmp_path, init, use_dora):
+    want, residual = peft_trained(tmp_path, init, use_dora)
+    with torch.no_grad():
+        assert (want - Net()(X)).abs().max() > 1e-2  # the adapter changes the output
+        peft_reload = PeftModel.from_pretrained(Net(), tmp_path)(X)
+        torch.testing.assert_close(peft_reload, want)
+        ours = ll.load_adapter(Net(), tmp_path)
+        torch.testing.assert_close(ours(X), want, atol=1e-5, rtol=1e-5)
+        with ll.disabled(ours):  # the base is the residual one, as in PEFT
+            torch.testing.assert_close(ours(X), residual, atol=1e-5, rtol=1e-5)
+
+
+def test_saving_it_again_writes_it_for_the_original_base(tmp_path):
+    want, _ = peft_trained(tmp_path / "peft", "pissa")
+    ll.save_adapter(ll.load_adapter(Net(), tmp_path / "peft"), tmp_path / "ours")
+    assert ll.read_config(tmp_path / "ours")["init_lora_weights"] is True
+    with torch.no_grad():
+        torch.testing.assert_close(PeftModel.from_pretrained(Net(), tmp_path / "ours")(X), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ll.load_adapter(Net(), tmp_path / "ours")(X), want, atol=1e-5, rtol=1e-5)
+
+
+def test_randomised_pissa_is_read_with_the_exact_svd_and_a_warning(tmp_path):
+    want, _ = peft_trained(tmp_path, "pissa_niter_16")
+    with pytest.warns(UserWarning, match="randomised SVD"):
+        ours = ll.load_adapter(Net(), tmp_path)
+    with torch.no_grad():  # PEFT's estimate after 16 iterations is close to the exact factors
+        assert (ours(X) - want).abs().max() < 0.02 * (want - Net()(X)).abs().max()
+
+
+@pytest.mark.parametrize("init", ["corda", "loftq", "lora_ga"])
+def test_files_whose_base_cannot_be_re_formed_are_refused(tmp_path, init):
+    peft_trained(tmp_path, "pissa")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}' and not converted.*path_initial_model"):
+        ll.load_adapter(Net(), tmp_path)
+
+
+def test_serving_refuses_them_and_says_how_to_convert(tmp_path):
+    peft_trained(tmp_path / "pissa", "pissa")
+    peft_trained(tmp_path / "plain", True)
+    model = Net()
+    before = copy.deepcopy(model.state_dict())
+    attached, rejected = attach_unstackable(model, tmp_path)
+    assert attached == [] and "changes the base weights" in rejected["pissa"] and "save_adapter" in rejected["pissa"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the shared base is untouched
+    pool = AdapterPool(tmp_path, 2, model=model)
+    assert pool.names() == ["plain"] and "changes the base weights" in pool.rejected["pissa"]
