@@ -130,7 +130,7 @@ PEFT_FORMAT_SPECS = {"lora": {}, "dora": {}, "boft": dict(r=2), "oft": dict(r=2)
                      "ia3": dict(options={"scale_bias": True}), "adalora": {}, "vb-lora": {}, "shira": {},
                      "fourierft": dict(options={"n_frequency": 8}), "vera": {}, "randlora": {},
                      "bone": dict(r=2, options={"share": "rows"}), "uni-lora": dict(options={"start": "uniform"}),
-                     "miss": {}}
+                     "miss": {}, "kasa": dict(r=2)}
 
 
 @pytest.mark.parametrize("method", sorted(PEFT_FORMAT_SPECS))

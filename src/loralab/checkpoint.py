@@ -96,8 +96,9 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
         r = 2 * spec.r
         alpha = spec.scale * (math.sqrt(r) if spec.rslora else r)
     rank_pattern, alpha_pattern = layer_patterns(methods_of(model, name), r, alpha, spec.rslora, 2 if offset else 1)
+    variant = method.peft_config(spec, dict(methods_of(model, name))) if method.peft_type == "LORA" else None
     config: dict[str, Any] = {
-        "peft_type": "LORA" if method.peft_type == "LORA" else "LORALAB",
+        "peft_type": "LORA" if variant is not None else "LORALAB",
         "task_type": _task_type(model),
         "base_model_name_or_path": _base_name(model),
         "r": r,
@@ -106,7 +107,7 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
         "target_modules": _saved_targets(model, list(layers)),
         "exclude_modules": None,
         "use_rslora": spec.rslora,
-        "use_dora": spec.method == "dora",
+        "use_dora": False,
         "bias": spec.bias,
         "modules_to_save": spec.modules_to_save or None,
         "fan_in_fan_out": any(layer.kind.name == "hf-conv1d" for layer in layers.values()),
@@ -118,6 +119,7 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
         "layers_pattern": None,
         "lora_bias": False,
         "revision": None,
+        **(variant or {}),
     }
     if method.peft_type not in (None, "LORA"):  # PEFT's own format for the method (BOFT): its fields, not LoRA's
         fields = method.peft_config(spec, dict(methods_of(model, name)))
@@ -235,7 +237,7 @@ def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
     if peft_type in formats:
         return AdapterSpec(**{**shared, **formats[peft_type].spec_from_peft(config)})
     extra = config.get("loralab") or {}
-    method = extra.get("method") or ("dora" if config.get("use_dora") else "lora")
+    method = extra.get("method") or _lora_variant(config)
     init = init_from_peft(config) if peft_type == "LORA" else None
     return AdapterSpec(
         method=method,
@@ -248,6 +250,12 @@ def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
         **read_patterns(config),
         **shared,
     )
+
+
+def _lora_variant(config: dict[str, Any]) -> str:
+    """The method a PEFT LoRA file is: the LoRA variant whose field is set in it (use_dora, …), else lora."""
+    return next((name for name, cls in METHODS.items()
+                 if cls.peft_type == "LORA" and cls.peft_lora_field and config.get(cls.peft_lora_field)), "lora")
 
 
 def _peft_formats() -> dict[str, type]:

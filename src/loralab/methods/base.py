@@ -39,6 +39,8 @@ class AdapterMethod(nn.Module):
     peft_lacks: ClassVar[tuple[str, ...]] = ()  # fields of PEFT's LoRA config that its config for peft_type lacks
     peft_when: ClassVar[str] = ""  # the settings under which the file is in peft_type's format, where not always
     peft_reader: ClassVar[bool] = True  # reads peft_type's files (spec_from_peft); False: a method sharing it does
+    peft_lora_field: ClassVar[str | None] = None  # a LoRA variant saved as LORA: the config field marking it (DoRA's
+    # use_dora); a LoRA file with that field set is read as this method
     additive: ClassVar[bool] = True
     needs_base: ClassVar[bool] = False  # forward() reads the base output
     suggested_lr: ClassVar[float] = 1e-3  # centre of `loralab compare`'s learning-rate sweep
@@ -158,9 +160,12 @@ class AdapterMethod(nn.Module):
 
     @classmethod
     def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any] | None:
-        """For a `peft_type` other than LORA: PEFT's adapter_config.json fields for this adapter (its methods by
-        module path), `peft_type` included, added to the fields every PEFT config has (targets, bias, …);
-        None where PEFT's format cannot hold the settings (then saved as LORALAB)."""
+        """PEFT's adapter_config.json fields for this adapter (its methods by module path): for a `peft_type`
+        other than LORA, `peft_type` included, added to the fields every PEFT config has (targets, bias, …);
+        for LORA, what marks the LoRA variant, added to LoRA's fields (by default `peft_lora_field` set to
+        true). None where PEFT's format cannot hold the settings (then saved as LORALAB)."""
+        if cls.peft_type == "LORA":
+            return {cls.peft_lora_field: True} if cls.peft_lora_field else {}
         raise NotImplementedError
 
     @classmethod

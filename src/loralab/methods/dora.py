@@ -33,6 +33,7 @@ class DoRA(LoRA):
     summary = "LoRA on the direction of W plus a trained per-row magnitude"
     paper = "2402.09353"
     param_formula = "r·(in + out) + out"
+    peft_lora_field = "use_dora"
     additive = False
     needs_base = True
     layer_kinds = ("linear", "hf-conv1d", "conv")
