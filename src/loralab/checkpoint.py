@@ -26,7 +26,7 @@ from torch import nn
 from loralab.layers import SavedModule
 from loralab.methods.base import METHODS, SavedTensors, check_shape
 from loralab.model import adapted_layers, add_adapter, get_spec, methods_of, remove_adapter, wrappers
-from loralab.peft_inits import init_from_peft
+from loralab.peft_lora_fields import check_supported, init_from_peft
 from loralab.rank_pattern import layer_patterns, read_patterns
 from loralab.spec import AdapterSpec
 from loralab.targets import candidate_modules, matches
@@ -238,7 +238,10 @@ def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
         return AdapterSpec(**{**shared, **formats[peft_type].spec_from_peft(config)})
     extra = config.get("loralab") or {}
     method = extra.get("method") or _lora_variant(config)
-    init = init_from_peft(config) if peft_type == "LORA" else None
+    init = None
+    if peft_type == "LORA":
+        check_supported(config)
+        init = init_from_peft(config)
     return AdapterSpec(
         method=method,
         **({"init": init} if init else {}),

@@ -32,7 +32,7 @@ from loralab.checkpoint import CONFIG_FILE, read_config, read_tensors, spec_from
 from loralab.layers import AdaptedLayer
 from loralab.methods.base import check_shape
 from loralab.model import adapter_names
-from loralab.peft_inits import changes_base
+from loralab.peft_lora_fields import changes_base
 from loralab.registry import close_matches
 from loralab.serve.batched_lora import BatchedLoRALinear, RowSlots, wrap_linear
 from loralab.spec import AdapterSpec

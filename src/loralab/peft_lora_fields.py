@@ -1,8 +1,12 @@
-"""PEFT's `init_lora_weights` as loralab reads it from a LoRA adapter's config.
+"""Fields of PEFT's LoRA config beyond r, alpha, targets and the like, as loralab reads them.
 
-Most of PEFT's initialisers only pick the starting A and B, which the saved factors replace. Some
-also move s·B₀A₀ out of the base weight: PiSSA (arXiv 2404.02948), OLoRA (arXiv 2406.01775) and
-CorDA, LoftQ and LoRA-GA (below). A file saved without PEFT's conversion
+Features of PEFT's LoRA that change what an adapter computes and that loralab does not implement
+(a bias on B, trainable token rows, activated LoRA, LoRA on parameters, …) are refused by name
+(`check_supported`), rather than loaded as a plain LoRA that computes something else.
+
+`init_lora_weights`: most of PEFT's initialisers only pick the starting A and B, which the saved
+factors replace. Some also move s·B₀A₀ out of the base weight: PiSSA (arXiv 2404.02948), OLoRA
+(arXiv 2406.01775) and CorDA, LoftQ and LoRA-GA (below). A file saved without PEFT's conversion
 (`save_pretrained(path_initial_model_for_weight_conversion=...)`, which rewrites it as a rank-2r
 LoRA on the original base and sets `init_lora_weights` to true) holds factors for that residual
 base. PEFT re-forms it on load by running the init again on the original weights; loralab does the
@@ -19,6 +23,17 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+UNSUPPORTED = {  # field → what it does; each is refused where set (not false, None or empty)
+    "lora_bias": "a trained bias on lora_B",
+    "trainable_token_indices": "trained rows of the token embeddings (TrainableTokens)",
+    "alora_invocation_tokens": "activated LoRA (the adapter acts only from its invocation tokens on)",
+    "target_parameters": "LoRA on parameters rather than modules (e.g. MoE experts)",
+    "layer_replication": "replicated base layers",
+    "megatron_config": "Megatron's parallel linear layers",
+    "arrow_config": "Arrow routing over LoRA experts",
+    "monteclora_config": "MonteCLoRA's sampled variational factors",
+    "use_bdlora": "block-diagonal factors (BD-LoRA)",
+}
 RE_FORMED = {"pissa": "pissa", "olora": "olora"}  # PEFT's name → loralab's init, the same residual
 NOT_RE_FORMED = {"corda": "its calibration statistics", "loftq": "its quantised base model",
                  "lora_ga": "the gradients of its calibration batches"}
@@ -51,3 +66,11 @@ def changes_base(config: dict[str, Any]) -> bool:
     """Whether loading this LoRA file re-forms its residual base in the model's base weights."""
     init = config.get("init_lora_weights")
     return isinstance(init, str) and (init.lower() in RE_FORMED or init.lower().startswith("pissa_niter_"))
+
+
+def check_supported(config: dict[str, Any]) -> None:
+    """Refuse a PEFT LoRA config that uses a feature loralab does not implement, naming it."""
+    used = [f"{field} ({what})" for field, what in UNSUPPORTED.items() if config.get(field)]
+    if used:
+        raise ValueError(f"this PEFT LoRA adapter uses {'; '.join(used)}, which loralab does not implement; "
+                         "loading it as a plain LoRA would compute something else")

@@ -1,6 +1,7 @@
 """PEFT LoRA files saved with an init that changes the base (PiSSA, OLoRA) and not converted: loralab
 re-forms the residual base as PEFT's own reload does, and gives PEFT's outputs; files whose base
-cannot be re-formed (CorDA, LoftQ, LoRA-GA) are refused, and so is serving any of them.
+cannot be re-formed (CorDA, LoftQ, LoRA-GA) are refused, and so is serving any of them. Files using
+a feature of PEFT's LoRA that loralab does not implement are refused by name.
 
 The reference is PEFT itself: the trained PEFT model, and `PeftModel.from_pretrained` on a fresh base."""
 
@@ -15,6 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import loralab as ll
+from loralab.peft_lora_fields import UNSUPPORTED
 from loralab.serve.attached import attach_unstackable
 from loralab.serve.pool import AdapterPool
 
@@ -96,3 +98,23 @@ def test_serving_refuses_them_and_says_how_to_convert(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the shared base is untouched
     pool = AdapterPool(tmp_path, 2, model=model)
     assert pool.names() == ["plain"] and "changes the base weights" in pool.rejected["pissa"]
+
+
+@pytest.mark.parametrize("extra", [{"lora_bias": True}, {"alora_invocation_tokens": [1, 2]}])
+def test_peft_files_with_features_loralab_lacks_are_refused_by_name(tmp_path, extra):
+    model = get_peft_model(Net(), LoraConfig(r=4, target_modules=["a"], **extra))
+    model.save_pretrained(tmp_path)
+    (field,) = extra
+    with pytest.raises(ValueError, match=f"uses {field} .*does not implement"):
+        ll.load_adapter(Net(), tmp_path)
+
+
+@pytest.mark.parametrize("field", sorted(UNSUPPORTED))
+def test_every_unsupported_field_is_refused_where_set_and_only_then(tmp_path, field):
+    peft_trained(tmp_path, True)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert not config.get(field, False)  # PEFT writes it unset for a plain LoRA, which loads
+    ll.load_adapter(Net(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, field: {"x": 1}}))
+    with pytest.raises(ValueError, match=f"uses {field} "):
+        ll.load_adapter(Net(), tmp_path)
