@@ -118,3 +118,20 @@ def test_every_unsupported_field_is_refused_where_set_and_only_then(tmp_path, fi
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, field: {"x": 1}}))
     with pytest.raises(ValueError, match=f"uses {field} "):
         ll.load_adapter(Net(), tmp_path)
+
+
+def test_velora_files_load_without_their_training_only_buffer(tmp_path):
+    """VeLoRA changes only how PEFT forms A's gradient; the forward, and so loralab's reading, is plain LoRA's."""
+    from peft.tuners.lora.config import VeloraConfig
+
+    model = get_peft_model(Net(), LoraConfig(r=4, target_modules=["a", "b"], velora_config=VeloraConfig(num_groups=4)))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    model(X).sum().backward()  # VeLoRA fills its buffer in a training step
+    model.eval().save_pretrained(tmp_path)
+    assert any(k.endswith("lora_velora_embed") for k in ll.read_tensors(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(ll.load_adapter(Net(), tmp_path)(X), model(X), atol=1e-6, rtol=1e-6)

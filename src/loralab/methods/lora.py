@@ -12,6 +12,7 @@ Variants that only change `factors()` (DyLoRA, SoRA, …) keep the fused path.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,14 @@ class LoRA(AdapterMethod):
         if base is None:
             return None
         return LowRankTerms(*base, a, b, s, dropout=self.dropout if self.training else None)
+
+    @classmethod
+    def remap_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not config.get("velora_config"):
+            return tensors
+        # PEFT's VeLoRA changes only how A's gradient is formed in training (from compressed inputs), not the
+        # forward: its projection buffer is not needed (loralab trains such an adapter on with exact gradients)
+        return {k: v for k, v in tensors.items() if not k.endswith(".lora_velora_embed")}
 
     # PEFT names: lora_A.weight / lora_B.weight (conv: kernel shapes), lora_embedding_A / _B.
     def to_saved(self) -> dict[str, torch.Tensor]:
