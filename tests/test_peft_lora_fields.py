@@ -135,3 +135,19 @@ def test_velora_files_load_without_their_training_only_buffer(tmp_path):
     assert any(k.endswith("lora_velora_embed") for k in ll.read_tensors(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(ll.load_adapter(Net(), tmp_path)(X), model(X), atol=1e-6, rtol=1e-6)
+
+
+def test_readers_of_the_file_alone_refuse_it_and_take_the_converted_file(tmp_path):
+    from loralab.analysis.report import lora_factors
+    from loralab.compose import combine_folders
+    from loralab.train.rank.lora_squeeze import squeeze_adapter
+
+    want, _ = peft_trained(tmp_path / "peft", "pissa")
+    for read in (lambda d: combine_folders([d, d], tmp_path / "combined"), lambda d: squeeze_adapter(d, 2, tmp_path / "sq"),
+                 lora_factors):
+        with pytest.raises(ValueError, match="from the adapter file alone.*save_adapter first"):
+            read(tmp_path / "peft")
+    ll.save_adapter(ll.load_adapter(Net(), tmp_path / "peft"), tmp_path / "converted")
+    squeezed = squeeze_adapter(tmp_path / "converted", 8, tmp_path / "sq")  # rank 2r = 8: the same ΔW
+    with torch.no_grad():
+        torch.testing.assert_close(ll.load_adapter(Net(), squeezed)(X), want, atol=1e-4, rtol=1e-4)

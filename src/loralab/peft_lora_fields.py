@@ -12,7 +12,8 @@ LoRA on the original base and sets `init_lora_weights` to true) holds factors fo
 base. PEFT re-forms it on load by running the init again on the original weights; loralab does the
 same with its own `pissa` and `olora`, which compute the same residual. The adapter then remembers
 its starting factors, so saving it from loralab writes the converted rank-2r file. A server cannot
-re-form the base (every adapter it serves shares it): it refuses such files and names the fix.
+re-form the base (every adapter it serves shares it), nor can readers of ΔW from the file alone
+(combine, squeeze, analyze): they refuse such files and name the fix (`check_file_alone`).
 
 CorDA needs the calibration statistics it was built from, LoftQ a quantised base and LoRA-GA the
 gradients of its calibration batches: none of them is in the file, so such files are refused.
@@ -74,3 +75,12 @@ def check_supported(config: dict[str, Any]) -> None:
     if used:
         raise ValueError(f"this PEFT LoRA adapter uses {'; '.join(used)}, which loralab does not implement; "
                          "loading it as a plain LoRA would compute something else")
+
+
+def check_file_alone(config: dict[str, Any], reader: str) -> None:
+    """Refuse, for a reader of ΔW from the file alone, a PEFT LoRA file whose factors apply to a changed base."""
+    if config.get("peft_type") == "LORA" and changes_base(config):
+        raise ValueError(f"{reader} reads ΔW from the adapter file alone, but this PEFT adapter was saved with "
+                         f"init_lora_weights={config['init_lora_weights']!r} and not converted, so its factors "
+                         "apply to a base weight that init changed. Load it with loralab.load_adapter and save it "
+                         "with loralab.save_adapter first: that writes it as a LoRA on the original base")

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from loralab.analysis.measures import effective_rank, factor_singular_values, intruder_dimensions, subspace_similarity
 from loralab.checkpoint import atomic_write, read_config, read_tensors, spec_from_config
+from loralab.peft_lora_fields import check_file_alone
 
 
 @dataclass
@@ -44,7 +45,9 @@ def short(module: str) -> str:
 
 
 def lora_factors(path: str | os.PathLike) -> tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
-    spec = spec_from_config(read_config(path))
+    config = read_config(path)
+    check_file_alone(config, "analyze")
+    spec = spec_from_config(config)
     tensors = read_tensors(path)
     found = {}
     for key, a in tensors.items():

@@ -45,6 +45,7 @@ from loralab.model import (
     remove_adapter,
     set_active,
 )
+from loralab.peft_lora_fields import check_file_alone
 from loralab.spec import AdapterSpec
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (A [r, in], s·B [out, r]) of one layer
@@ -276,6 +277,7 @@ def _combine_through(model: nn.Module, dirs: list[Path], out_dir: str | os.PathL
 # ---- folders ---------------------------------------------------------------------------------
 def _folder_factors(folder: Path, config: dict[str, Any]) -> tuple[dict[str, Pair], dict[str, tuple], torch.dtype]:
     """(path → (A, s·B) canonical [r, in] / [out, r]; path → how its tensors are named and shaped; dtype)."""
+    check_file_alone(config, "combine (from folders)")
     spec = spec_from_config(config)
     if spec.method != "lora":
         hint = (" Pass base=<the base model> to merge it through the model" if spec.method in _lora_family()

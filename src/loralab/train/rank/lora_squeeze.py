@@ -29,6 +29,7 @@ from loralab.checkpoint import (
     spec_from_config,
 )
 from loralab.model import state_of
+from loralab.peft_lora_fields import check_file_alone
 from loralab.rank_pattern import set_factors
 from loralab.spec import AdapterSpec
 from loralab.train.rank import RANK_SCHEDULES, RankSchedule, check_options, methods_named
@@ -48,6 +49,7 @@ def truncate_factors(a: torch.Tensor, b: torch.Tensor, scale: float, rank: int) 
 def squeeze_adapter(path: str | os.PathLike, rank: int, out_dir: str | os.PathLike) -> Path:
     """Write a rank-`rank` copy of a LoRA/DoRA adapter folder (PEFT format) into out_dir."""
     config = read_config(path)
+    check_file_alone(config, "squeeze")
     spec = spec_from_config(config)
     if spec.method not in ("lora", "dora"):
         raise ValueError(f"squeeze works on LoRA and DoRA adapters, not {spec.method!r}")
