@@ -143,8 +143,9 @@ def test_readers_of_the_file_alone_refuse_it_and_take_the_converted_file(tmp_pat
     from loralab.train.rank.lora_squeeze import squeeze_adapter
 
     want, _ = peft_trained(tmp_path / "peft", "pissa")
-    for read in (lambda d: combine_folders([d, d], tmp_path / "combined"), lambda d: squeeze_adapter(d, 2, tmp_path / "sq"),
-                 lora_factors):
+    readers = (lambda d: combine_folders([d, d], tmp_path / "combined"),
+               lambda d: squeeze_adapter(d, 2, tmp_path / "sq"), lora_factors)
+    for read in readers:
         with pytest.raises(ValueError, match="from the adapter file alone.*save_adapter first"):
             read(tmp_path / "peft")
     ll.save_adapter(ll.load_adapter(Net(), tmp_path / "peft"), tmp_path / "converted")
