@@ -90,13 +90,14 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
     spec = get_spec(model, name)
     method = METHODS.get(spec.method)
     layers = dict(adapted_layers(model, name))
+    adapted = dict(methods_of(model, name))
     r, alpha = spec.r, spec.alpha
     offset = _has_base_offset(model, name)
     if offset:
         r = 2 * spec.r
         alpha = spec.scale * (math.sqrt(r) if spec.rslora else r)
-    rank_pattern, alpha_pattern = layer_patterns(methods_of(model, name), r, alpha, spec.rslora, 2 if offset else 1)
-    variant = method.peft_config(spec, dict(methods_of(model, name))) if method.peft_type == "LORA" else None
+    rank_pattern, alpha_pattern = layer_patterns(adapted.items(), r, alpha, spec.rslora, 2 if offset else 1)
+    variant = method.peft_config(spec, adapted) if method.peft_type == "LORA" else None
     config: dict[str, Any] = {
         "peft_type": "LORA" if variant is not None else "LORALAB",
         "task_type": _task_type(model),
@@ -122,7 +123,7 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
         **(variant or {}),
     }
     if method.peft_type not in (None, "LORA"):  # PEFT's own format for the method (BOFT): its fields, not LoRA's
-        fields = method.peft_config(spec, dict(methods_of(model, name)))
+        fields = method.peft_config(spec, adapted)
         if (rank_pattern or alpha_pattern) and fields is not None and "rank_pattern" not in fields:
             fields = None  # layers with ranks or scales of their own, which that format has no place for
         if fields is not None:  # None: settings that format cannot hold, saved in loralab's layout

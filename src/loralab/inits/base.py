@@ -65,7 +65,6 @@ def initialiser(name: str, summary: str, paper: str = "", needs_data: bool = Fal
     return add
 
 
-@torch.no_grad()
 def start_from_factors(method: AdapterMethod, b: torch.Tensor, a: torch.Tensor) -> None:
     """Start with s·BA = b @ a (B = b/√s, A = a/√s) and move that part out of the base weight, so the
     output is unchanged (see `start_from`)."""
@@ -73,6 +72,7 @@ def start_from_factors(method: AdapterMethod, b: torch.Tensor, a: torch.Tensor) 
     start_from(method, b / root, a / root)
 
 
+@torch.no_grad()
 def start_from(method: AdapterMethod, b: torch.Tensor, a: torch.Tensor) -> None:
     """Start with B = b and A = a and move s·BA out of the base weight, so the output is unchanged.
 
