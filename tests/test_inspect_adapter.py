@@ -50,3 +50,28 @@ def test_per_layer_ranks_and_scales_are_each_layers_own(tmp_path):
         method = m.get_submodule(name).adapters["default"]
         dense = (scale * method.lora_B @ method.lora_A).norm().item()
         assert abs(by_module[name].delta_norm - dense) < 1e-4 * max(dense, 1)
+
+
+def test_gated_and_diagonal_factors_count_their_diagonal(tmp_path):
+    """SoRA's gate and KaSA's Δσ sit between B and A: the norm is ‖s·B·diag(d)·A‖ (dense here), and analyze's
+    singular values are those of that product."""
+    from loralab.analysis.report import measure
+
+    for method in ("sora", "kasa"):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 6))
+        ll.add_adapter(m, ll.AdapterSpec(method=method, r=2, alpha=4, targets=["0"]))
+        layer = m[0].adapters["default"]
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_()
+        b, d, a = ((layer.lora_B, layer.lora_gate, layer.lora_A) if method == "sora"
+                   else (layer.kasa_U, layer.kasa_sigma, layer.kasa_V))
+        dense = 2.0 * (b * d) @ a
+        ll.save_adapter(m, tmp_path / method)
+        (summary,) = summarize(tmp_path / method).layers
+        assert abs(summary.delta_norm - dense.norm().item()) < 1e-4 * dense.norm().item(), method
+        (stats,) = measure(tmp_path / method).layers
+        want = torch.linalg.svdvals(dense.detach().double())[:2]
+        torch.testing.assert_close(torch.tensor(stats.singular_values[:2], dtype=torch.double), want, rtol=1e-4,
+                                   atol=1e-6)

@@ -17,7 +17,8 @@ class LayerSummary:
     module: str
     tensors: dict[str, list[int]]
     params: int
-    delta_norm: float | None  # ‖s·BA‖_F for LoRA-family factors (DoRA: before its magnitude), else None
+    delta_norm: float | None  # ‖s·BA‖_F of LoRA-family factors (DoRA: before its magnitude; SoRA, KaSA:
+    # s·B·diag(d)·A with their gate or Δσ, KaSA's filtered part not being in the file), else None
     tensor_norm: float  # ‖all of this layer's adapter tensors‖
 
 
@@ -31,6 +32,15 @@ class AdapterSummary:
     r: int = 0
     alpha: float = 0.0  # as the method reads it, whatever the config's field for it is called
     rslora: bool = False
+
+
+RANK_DIAGONALS = ("lora_gate", "lora_diag")  # SoRA's gate, KaSA's Δσ: ΔW = s·B·diag(d)·A
+
+
+def gated_b(b: torch.Tensor, own: dict[str, torch.Tensor]) -> torch.Tensor:
+    """B [out, r] with its columns scaled by the layer's rank-r diagonal, where the file holds one."""
+    d = next((own[k] for k in RANK_DIAGONALS if k in own), None)
+    return b if d is None else b * d.reshape(1, -1).to(b.dtype)
 
 
 def lora_delta_norm(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
@@ -57,7 +67,8 @@ def summarize(path: str | os.PathLike) -> AdapterSummary:
     for module, own in sorted(groups.items()):
         a = own.get("lora_A.weight", own.get("lora_embedding_A"))
         b = own.get("lora_B.weight", own.get("lora_embedding_B"))
-        delta = lora_delta_norm(a, b, spec.for_layer(module).scale) if a is not None and b is not None else None
+        delta = None if a is None or b is None else lora_delta_norm(a, gated_b(b.reshape(b.shape[0], -1), own),
+                                                                    spec.for_layer(module).scale)
         flat = torch.cat([t.float().flatten() for t in own.values()])
         layers.append(LayerSummary(module, {k: list(t.shape) for k, t in own.items()}, flat.numel(), delta,
                                    float(flat.norm())))

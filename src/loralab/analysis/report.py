@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from loralab.analysis.measures import effective_rank, factor_singular_values, intruder_dimensions, subspace_similarity
 from loralab.checkpoint import atomic_write, read_config, read_tensors, spec_from_config
+from loralab.inspect_adapter import RANK_DIAGONALS, gated_b
 from loralab.peft_lora_fields import check_file_alone
 
 
@@ -54,7 +55,8 @@ def lora_factors(path: str | os.PathLike) -> tuple[str, dict[str, tuple[torch.Te
         if key.endswith(".lora_A.weight"):
             module = key[: -len(".lora_A.weight")]
             b = tensors[f"{module}.lora_B.weight"]
-            found[module] = (a.reshape(a.shape[0], -1).float(), b.reshape(b.shape[0], -1).float(),
+            own = {k: tensors[f"{module}.{k}"] for k in RANK_DIAGONALS if f"{module}.{k}" in tensors}
+            found[module] = (a.reshape(a.shape[0], -1).float(), gated_b(b.reshape(b.shape[0], -1).float(), own),
                              spec.for_layer(module).scale)
     if not found:
         raise ValueError(f"{path} holds no LoRA factors to analyse (analysis reads LoRA-family adapters)")
