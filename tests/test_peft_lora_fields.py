@@ -152,3 +152,13 @@ def test_readers_of_the_file_alone_refuse_it_and_take_the_converted_file(tmp_pat
     squeezed = squeeze_adapter(tmp_path / "converted", 8, tmp_path / "sq")  # rank 2r = 8: the same ΔW
     with torch.no_grad():
         torch.testing.assert_close(ll.load_adapter(Net(), squeezed)(X), want, atol=1e-4, rtol=1e-4)
+
+
+def test_merging_it_gives_the_weights_peft_merges(tmp_path):
+    peft_trained(tmp_path, "pissa")
+    theirs = PeftModel.from_pretrained(Net(), tmp_path).merge_and_unload()
+    ours = ll.load_adapter(Net(), tmp_path)
+    ll.merge(ours, "default")
+    for name in ("a", "b"):
+        torch.testing.assert_close(getattr(ours, name).base_layer.weight, getattr(theirs, name).weight,
+                                   atol=1e-6, rtol=1e-5)
