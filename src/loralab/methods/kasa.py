@@ -36,7 +36,7 @@ class KaSA(AdapterMethod):
     param_formula = "r·(in + out) + r"
     peft_type = "LORA"
     peft_lora_field = "kasa_config"
-    peft_when = "on linear layers"
+    peft_when = "linear layers only"
     KASA_CONFIG: ClassVar[dict[str, float]] = {"beta": 1e-4, "gamma": 1e-3}  # PEFT's regulariser weights
     OLD_NAMES: ClassVar[dict[str, str]] = {"kasa_V": "lora_A.weight", "kasa_U": "lora_B.weight",
                                            "kasa_sigma": "lora_diag"}
