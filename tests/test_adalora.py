@@ -261,3 +261,13 @@ def test_unpruned_adapter_writes_no_rank_pattern(tmp_path):
     ll.save_adapter(net, tmp_path, name="a")
     assert ll.read_config(tmp_path)["rank_pattern"] is None
     assert ll.read_tensors(tmp_path)["layer.lora_E"].shape == (4, 1)
+
+
+def test_a_peft_adalora_file_using_a_lora_feature_loralab_lacks_is_refused_by_name(tmp_path):
+    """AdaLoRA's config is LoRA's plus its own fields: lora_bias there is refused as it is for LoRA."""
+    peft_adalora("linear", prune=False).save_pretrained(tmp_path)
+    config = ll.read_config(tmp_path)
+    ll.load_adapter(Net("linear"), tmp_path)  # as saved, it loads
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "lora_bias": True}))
+    with pytest.raises(ValueError, match="uses lora_bias .*does not implement"):
+        ll.load_adapter(Net("linear"), tmp_path)

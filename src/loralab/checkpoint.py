@@ -228,6 +228,7 @@ def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
     if peft_type not in ("LORA", "LORALAB", *formats):
         raise ValueError(f"peft_type {peft_type!r} is not supported; loralab reads "
                          f"{', '.join(['LORA', 'LORALAB', *sorted(formats)])} adapters")
+    check_supported(config)  # LoRA's fields, which AdaLoRA's config has too
     targets = config["target_modules"]
     layers = config.get("layers_to_transform")
     if isinstance(targets, str) or layers in (None, []):  # PEFT ignores the layers for a regex, and an empty list
@@ -239,10 +240,7 @@ def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
         return AdapterSpec(**{**shared, **formats[peft_type].spec_from_peft(config)})
     extra = config.get("loralab") or {}
     method = extra.get("method") or _lora_variant(config)
-    init = None
-    if peft_type == "LORA":
-        check_supported(config)
-        init = init_from_peft(config)
+    init = init_from_peft(config) if peft_type == "LORA" else None
     return AdapterSpec(
         method=method,
         **({"init": init} if init else {}),

@@ -70,7 +70,7 @@ def changes_base(config: dict[str, Any]) -> bool:
 
 
 def check_supported(config: dict[str, Any]) -> None:
-    """Refuse a PEFT LoRA config that uses a feature loralab does not implement, naming it."""
+    """Refuse a PEFT LoRA (or AdaLoRA) config that uses a feature loralab does not implement, naming it."""
     used = [f"{field} ({what})" for field, what in UNSUPPORTED.items() if config.get(field)]
     if used:
         raise ValueError(f"this PEFT LoRA adapter uses {'; '.join(used)}, which loralab does not implement; "
