@@ -162,3 +162,14 @@ def test_merging_it_gives_the_weights_peft_merges(tmp_path):
     for name in ("a", "b"):
         torch.testing.assert_close(getattr(ours, name).base_layer.weight, getattr(theirs, name).weight,
                                    atol=1e-6, rtol=1e-5)
+
+
+def test_inspect_says_the_norms_are_from_the_changed_base(tmp_path, capsys):
+    from loralab.cli import main
+
+    peft_trained(tmp_path / "pissa", "pissa")
+    peft_trained(tmp_path / "plain", True)
+    assert main(["inspect", str(tmp_path / "pissa")]) == 0
+    assert "note: saved by PEFT with init_lora_weights='pissa' and not converted" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "plain")]) == 0
+    assert "note:" not in capsys.readouterr().out

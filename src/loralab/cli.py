@@ -299,6 +299,8 @@ def inspect(args: argparse.Namespace) -> int:
     for layer in s.layers:
         delta = f"{layer.delta_norm:10.4f}" if layer.delta_norm is not None else f"{'-':>10}"
         print(f"  {layer.module:<{width}}  {layer.params:>9,}  {delta}  {layer.tensor_norm:10.4f}")
+    for note in s.notes:
+        print(f"\nnote: {note}")
     return 0
 
 

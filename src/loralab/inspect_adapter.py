@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from loralab.checkpoint import read_config, read_tensors, spec_from_config
+from loralab.peft_lora_fields import changes_base
 
 
 @dataclass
@@ -32,6 +33,7 @@ class AdapterSummary:
     r: int = 0
     alpha: float = 0.0  # as the method reads it, whatever the config's field for it is called
     rslora: bool = False
+    notes: list[str] = field(default_factory=list)  # what the figures do not say
 
 
 RANK_DIAGONALS = ("lora_gate", "lora_diag")  # SoRA's gate, KaSA's Δσ: ΔW = s·B·diag(d)·A
@@ -72,5 +74,10 @@ def summarize(path: str | os.PathLike) -> AdapterSummary:
         flat = torch.cat([t.float().flatten() for t in own.values()])
         layers.append(LayerSummary(module, {k: list(t.shape) for k, t in own.items()}, flat.numel(), delta,
                                    float(flat.norm())))
+    notes = []
+    if config.get("peft_type") == "LORA" and changes_base(config):
+        notes.append(f"saved by PEFT with init_lora_weights={config['init_lora_weights']!r} and not converted: "
+                     "s·BA is the change from a base that init changed, not from the original base "
+                     "(loading it re-forms that base; saving it from loralab converts it)")
     return AdapterSummary(str(path), config, spec.method, sum(t.numel() for t in tensors.values()), layers,
-                          spec.r, spec.alpha, spec.rslora)
+                          spec.r, spec.alpha, spec.rslora, notes)
