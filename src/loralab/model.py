@@ -19,6 +19,7 @@ from loralab.inits.base import INITS, InitContext
 from loralab.layer_kinds import kind_of
 from loralab.layers import AdaptedLayer, RowPlan, SavedModule
 from loralab.methods.base import METHODS, AdapterMethod
+from loralab.progress import over_layers
 from loralab.registry import close_matches, unknown_name_message
 from loralab.siblings import link_siblings
 from loralab.spec import AdapterSpec, pattern_value
@@ -130,7 +131,7 @@ def add_adapter(
     _check_patterns(method_cls, spec, dict(zip(paths, layer_specs)))
     shared = method_cls.make_shared(spec, kinds)
     new: list[tuple[str, AdapterMethod]] = []
-    for path, kind, layer_spec in zip(paths, kinds, layer_specs):
+    for path, kind, layer_spec in over_layers(list(zip(paths, kinds, layer_specs)), f"{spec.method}: layers"):
         try:
             new.append((path, method_cls(kind, layer_spec, shared=shared)))
         except ValueError as err:

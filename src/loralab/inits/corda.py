@@ -15,6 +15,7 @@ from torch import nn
 from loralab.inits.base import InitContext, initialiser, low_rank_methods, start_from_factors
 from loralab.inits.calibration import input_covariances
 from loralab.methods.base import AdapterMethod
+from loralab.progress import over_layers
 
 
 def context_factors(w: torch.Tensor, cov: torch.Tensor, r: int, largest: bool,
@@ -32,7 +33,7 @@ def _corda(model: nn.Module, adapted: list[tuple[str, AdapterMethod]], context: 
     name = "corda" if largest else "corda-kpm"
     low_rank_methods(adapted, name)
     covariances = input_covariances(model, adapted, context, f"{name}: input covariance")
-    for path, method in adapted:
+    for path, method in over_layers(adapted, name):
         b, a = context_factors(method.layer.matrix().detach(), covariances[path], method.r, largest)
         start_from_factors(method, b.float(), a.float())
 

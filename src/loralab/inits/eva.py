@@ -23,6 +23,7 @@ from torch import nn
 from loralab.inits.base import InitContext, initialiser, low_rank_methods
 from loralab.inits.calibration import input_covariances
 from loralab.methods.base import AdapterMethod
+from loralab.progress import over_layers
 from loralab.rank_pattern import check_resizable, set_factors
 
 
@@ -51,7 +52,7 @@ def eva(model: nn.Module, adapted: list[tuple[str, AdapterMethod]], context: Ini
         for path, method in adapted:
             check_resizable(method, path, "eva's rank redistribution (rho > 1)")
     covariances = input_covariances(model, adapted, context, "eva: input activations")
-    spectra = {path: torch.linalg.eigh(covariances[path]) for path, _ in adapted}  # eigenvalues ascending
+    spectra = {path: torch.linalg.eigh(covariances[path]) for path, _ in over_layers(adapted, "eva")}  # ascending
     ranks = {path: method.r for path, method in adapted}
     if rho > 1:
         variances = {path: values.flip(0).clamp_min(0) for path, (values, _) in spectra.items()}  # descending

@@ -26,6 +26,7 @@ from torch import nn
 from loralab.inits.base import InitContext, initialiser, low_rank_methods
 from loralab.inits.pissa import top_singular
 from loralab.methods.base import AdapterMethod
+from loralab.progress import over_layers
 
 NF_OFFSET = 0.9677083  # QLoRA's outermost quantile, ½(1/30 + 1/32) in from each tail
 QUANTIZERS = ("normal", "uniform")
@@ -89,7 +90,7 @@ def loftq(model: nn.Module, adapted: list[tuple[str, AdapterMethod]], context: I
     methods = low_rank_methods(adapted, "loftq")
     o = context.options
     _check(o, [(path, m.layer.weight.numel()) for (path, _), m in zip(adapted, methods, strict=True)])
-    for method in methods:
+    for method in over_layers(methods, "loftq"):
         layer = method.layer
         q, b, a = loftq_factors(layer.matrix(), method.r, o["bits"], o["iterations"], o["block_size"], o["quantizer"])
         root = method.scale ** 0.5

@@ -14,6 +14,7 @@ from torch import nn
 from loralab.inits.base import InitContext, initialiser, low_rank_methods, start_from
 from loralab.inits.calibration import weight_gradients
 from loralab.methods.base import AdapterMethod
+from loralab.progress import over_layers
 
 GAMMA = 16.0
 
@@ -28,7 +29,7 @@ def lora_ga(model: nn.Module, adapted: list[tuple[str, AdapterMethod]], context:
                              f"[{method.layer.out_features}, {method.layer.in_features}] with r={method.r}")
     low_rank_methods(adapted, "lora-ga")
     grads = weight_gradients(model, adapted, context, "lora-ga: gradients")
-    for path, method in adapted:
+    for path, method in over_layers(adapted, "lora-ga"):
         u, _, vh = torch.linalg.svd(grads[path].double(), full_matrices=False)
         zeta = method.layer.out_features ** 0.25 / GAMMA**0.5
         r = method.r

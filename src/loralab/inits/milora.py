@@ -12,11 +12,12 @@ from torch import nn
 from loralab.inits.base import InitContext, initialiser, low_rank_methods, start_from_factors
 from loralab.inits.pissa import top_singular
 from loralab.methods.base import AdapterMethod
+from loralab.progress import over_layers
 
 
 @initialiser("milora", "A, B from W's r smallest singular triplets; the base keeps the rest", "2406.09044")
 @torch.no_grad()
 def milora(model: nn.Module, adapted: list[tuple[str, AdapterMethod]], context: InitContext) -> None:
-    for method in low_rank_methods(adapted, "milora"):
+    for method in over_layers(low_rank_methods(adapted, "milora"), "milora"):
         u, s, vh = top_singular(method.layer.matrix(), method.r, largest=False)
         start_from_factors(method, u * s.sqrt(), s.sqrt()[:, None] * vh)

@@ -15,6 +15,7 @@ from torch import nn
 
 from loralab.inits.base import InitContext, initialiser, low_rank_methods, start_from_factors
 from loralab.methods.base import AdapterMethod
+from loralab.progress import over_layers
 
 
 def nystrom_factors(w: torch.Tensor, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +32,6 @@ def nystrom_factors(w: torch.Tensor, r: int, seed: int) -> tuple[torch.Tensor, t
              paper="2502.14482")
 @torch.no_grad()
 def nlora(model: nn.Module, adapted: list[tuple[str, AdapterMethod]], context: InitContext) -> None:
-    for index, method in enumerate(low_rank_methods(adapted, "nlora")):
+    for index, method in enumerate(over_layers(low_rank_methods(adapted, "nlora"), "nlora")):
         b, a = nystrom_factors(method.layer.matrix().detach(), method.r, seed=index)
         start_from_factors(method, b.float(), a.float())

@@ -13,6 +13,7 @@ from torch import nn
 
 from loralab.inits.base import InitContext, initialiser, low_rank_methods, start_from_factors
 from loralab.methods.base import AdapterMethod
+from loralab.progress import over_layers
 
 
 def top_singular(w: torch.Tensor, r: int, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -26,6 +27,6 @@ def top_singular(w: torch.Tensor, r: int, largest: bool = True) -> tuple[torch.T
 @initialiser("pissa", "A, B from W's top-r singular triplets; the base keeps the residual", "2404.02948")
 @torch.no_grad()
 def pissa(model: nn.Module, adapted: list[tuple[str, AdapterMethod]], context: InitContext) -> None:
-    for method in low_rank_methods(adapted, "pissa"):
+    for method in over_layers(low_rank_methods(adapted, "pissa"), "pissa"):
         u, s, vh = top_singular(method.layer.matrix(), method.r)
         start_from_factors(method, u * s.sqrt(), s.sqrt()[:, None] * vh)
