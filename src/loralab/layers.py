@@ -5,6 +5,10 @@ output plus the change of every active adapter. `SavedModule` wraps a module tra
 full for an adapter (PEFT's `modules_to_save`, e.g. a classifier head). Both can take a
 `RowPlan` — which rows of the batch use which adapter — so one forward pass may mix
 adapters; the serving engine and the mixture routers use that same path.
+
+Both follow one wrapper protocol, which loralab.model relies on: `held` (the per-adapter modules by
+name), `unwrapped` (the module they wrap), `plain(active)` (what is left once the adapters are merged
+and the wrapper unloaded), and add/remove/set_active, `disabled`, `row_plan`.
 """
 
 from __future__ import annotations
@@ -60,6 +64,18 @@ class AdaptedLayer(nn.Module):
         self._live: list[AdapterMethod] = []
         self._needs_base = False
         self.siblings: SiblingGroup | None = None  # set by loralab.siblings.link_siblings
+
+    @property
+    def held(self) -> nn.ModuleDict:
+        return self.adapters
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.base_layer
+
+    def plain(self, active: list[str]) -> nn.Module:
+        """The base layer: merged adapters are in its weights."""
+        return self.base_layer
 
     def add(self, name: str, method: AdapterMethod) -> None:
         self.adapters[name] = method
@@ -187,6 +203,18 @@ class SavedModule(nn.Module):
         self.active: list[str] = []
         self.disabled = False
         self.row_plan: RowPlan | None = None
+
+    @property
+    def held(self) -> nn.ModuleDict:
+        return self.copies
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.original
+
+    def plain(self, active: list[str]) -> nn.Module:
+        """The first active adapter's copy, else the original."""
+        return self.copies[active[0]] if active and active[0] in self.copies else self.original
 
     def add(self, name: str) -> nn.Module:
         clone = copy.deepcopy(self.original)

@@ -185,8 +185,7 @@ def _apply_trainable(model: nn.Module) -> None:
         p.requires_grad_(False)
     for _, module in wrappers(model):
         for name in module.active:
-            owned = module.adapters[name] if isinstance(module, AdaptedLayer) else module.copies[name]
-            for p in owned.parameters():
+            for p in module.held[name].parameters():
                 p.requires_grad_(True)
     for name in state.active:
         bias = state.specs[name].bias
@@ -286,11 +285,7 @@ def merge_and_unload(model: nn.Module, names: str | list[str] | None = None) -> 
     merge(model, names)
     active = state_of(model).active
     for path, module in list(wrappers(model)):
-        if isinstance(module, AdaptedLayer):
-            plain = module.base_layer
-        else:
-            plain = module.copies[active[0]] if active and active[0] in module.copies else module.original
-        _set_module(model, path, plain)
+        _set_module(model, path, module.plain(active))
     for p in model.parameters():
         p.requires_grad_(False)
     for handle in model._loralab.hook_handles:
@@ -304,11 +299,10 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     state = state_of(model)
     _known(model, name)
     for path, module in list(wrappers(model)):
-        holder = module.adapters if isinstance(module, AdaptedLayer) else module.copies
-        if name in holder:
+        if name in module.held:
             module.remove(name)
-        if not holder:
-            _set_module(model, path, module.base_layer if isinstance(module, AdaptedLayer) else module.original)
+        if not module.held:
+            _set_module(model, path, module.unwrapped)
     del state.specs[name]
     state.active = [n for n in state.active if n != name]
     link_siblings(model)

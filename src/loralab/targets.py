@@ -33,10 +33,8 @@ def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         prefix, module = stack.pop()
         for child_name, child in module.named_children():
             name = f"{prefix}.{child_name}" if prefix else child_name
-            if isinstance(child, AdaptedLayer):
-                yield name, child.base_layer
-            elif isinstance(child, SavedModule):
-                yield name, child.original
+            if isinstance(child, AdaptedLayer | SavedModule):
+                yield name, child.unwrapped
             else:
                 yield name, child
                 stack.append((name, child))
