@@ -240,7 +240,7 @@ def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
         return AdapterSpec(**{**shared, **formats[peft_type].spec_from_peft(config)})
     extra = config.get("loralab") or {}
     method = extra.get("method") or _lora_variant(config)
-    init = init_from_peft(config) if peft_type == "LORA" else None
+    init = init_from_peft(config)
     return AdapterSpec(
         method=method,
         **({"init": init} if init else {}),

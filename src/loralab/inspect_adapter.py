@@ -75,7 +75,7 @@ def summarize(path: str | os.PathLike) -> AdapterSummary:
         layers.append(LayerSummary(module, {k: list(t.shape) for k, t in own.items()}, flat.numel(), delta,
                                    float(flat.norm())))
     notes = []
-    if config.get("peft_type") == "LORA" and changes_base(config):
+    if changes_base(config):
         notes.append(f"saved by PEFT with init_lora_weights={config['init_lora_weights']!r} and not converted: "
                      "s·BA is the change from a base that init changed, not from the original base "
                      "(loading it re-forms that base; saving it from loralab converts it)")

@@ -40,18 +40,24 @@ NOT_RE_FORMED = {"corda": "its calibration statistics", "loftq": "its quantised 
                  "lora_ga": "the gradients of its calibration batches"}
 
 
+def _peft_init(config: dict[str, Any]) -> str | None:
+    """A PEFT LoRA file's init_lora_weights by name, lower-cased, "pissa_niter_N" as "pissa"; None otherwise."""
+    init = config.get("init_lora_weights")
+    if config.get("peft_type") != "LORA" or not isinstance(init, str):
+        return None
+    return "pissa" if init.lower().startswith("pissa_niter_") else init.lower()
+
+
 def init_from_peft(config: dict[str, Any]) -> str | None:
     """The loralab init that re-forms the base a PEFT LoRA file's factors apply to; None where the
     file applies to the original base (every init that leaves the base alone, or a converted file)."""
-    init = config.get("init_lora_weights", True)
-    if not isinstance(init, str):
+    name, init = _peft_init(config), config.get("init_lora_weights")
+    if name is None:
         return None
-    name = init.lower()
-    if name.startswith("pissa_niter_"):
+    if name != init.lower():
         warnings.warn(f"init_lora_weights={init!r}: PEFT re-forms this adapter's residual base with a randomised "
                       "SVD, so even PEFT's own reload differs slightly; loralab uses the exact SVD it estimates",
                       stacklevel=3)
-        name = "pissa"
     if name in RE_FORMED:
         return RE_FORMED[name]
     lacking = next((why for key, why in NOT_RE_FORMED.items() if name.startswith(key)), None)
@@ -64,9 +70,8 @@ def init_from_peft(config: dict[str, Any]) -> str | None:
 
 
 def changes_base(config: dict[str, Any]) -> bool:
-    """Whether loading this LoRA file re-forms its residual base in the model's base weights."""
-    init = config.get("init_lora_weights")
-    return isinstance(init, str) and (init.lower() in RE_FORMED or init.lower().startswith("pissa_niter_"))
+    """Whether this is a PEFT LoRA file whose loading re-forms its residual base in the model's base weights."""
+    return _peft_init(config) in RE_FORMED
 
 
 def check_supported(config: dict[str, Any]) -> None:
@@ -79,7 +84,7 @@ def check_supported(config: dict[str, Any]) -> None:
 
 def check_file_alone(config: dict[str, Any], reader: str) -> None:
     """Refuse, for a reader of ΔW from the file alone, a PEFT LoRA file whose factors apply to a changed base."""
-    if config.get("peft_type") == "LORA" and changes_base(config):
+    if changes_base(config):
         raise ValueError(f"{reader} reads ΔW from the adapter file alone, but this PEFT adapter was saved with "
                          f"init_lora_weights={config['init_lora_weights']!r} and not converted, so its factors "
                          "apply to a base weight that init changed. Load it with loralab.load_adapter and save it "

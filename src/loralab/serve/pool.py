@@ -53,7 +53,7 @@ def unstackable(config: dict, spec: AdapterSpec) -> list[str]:
         (bool(spec.modules_to_save), f"modules_to_save={spec.modules_to_save}"),
         (bool(config.get("fan_in_fan_out")), "fan_in_fan_out (Conv1D layers)"),
         (bool(config.get("lora_bias")), "lora_bias"),
-        (config.get("peft_type") == "LORA" and changes_base(config), BASE_CHANGING),
+        (changes_base(config), BASE_CHANGING),
     ) if bad]
 
 
