@@ -223,6 +223,25 @@ def test_train_with_per_layer_ranks(tmp_path):
     assert alphas["bert.encoder.layer.0.attention.self.query"] == 8.0
 
 
+def test_train_with_trainable_token_rows(tmp_path, capsys):
+    """Rows of tokens in the data move; rows of tokens no example holds stay the base's (Adam moves no
+    parameter without gradient), and the file is PEFT's TrainableTokens layout."""
+    code = main(["train", "--base", "minilm-l6", "--task", "sst2", "--max-train", "16", "--max-test", "16",
+                 "--steps", "2", "--batch-size", "8", "--r", "2", "--targets", "query", "--trainable-tokens",
+                 "101,102,30520-30521", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    assert ll.read_config(tmp_path / "adapter")["trainable_token_indices"] == [101, 102, 30520, 30521]
+    rows = ll.read_tensors(tmp_path / "adapter")["bert.embeddings.word_embeddings.token_adapter.trainable_tokens_delta"]
+    base, _ = ll.load_base("minilm-l6", task="classification", num_labels=2)
+    original = base.get_input_embeddings().weight.detach()[[101, 102, 30520, 30521]]
+    moved = (rows - original).abs().amax(dim=1)
+    assert (moved[:2] > 0).all() and (moved[2:] == 0).all()  # [CLS] and [SEP] are in every example
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert "tokens    trained rows of [101, 102, 30520, 30521]" in out and "bert.embeddings.word_embeddings " in out
+
+
 @pytest.mark.parametrize("text", ["5-3", "a", "1,,x", ","])
 def test_bad_block_indices_are_refused(text, capsys):
     with pytest.raises(SystemExit):

@@ -1,5 +1,5 @@
-"""Serving adapters the pool's slots cannot hold (DoRA, VeRA, a LoRAMoE mixture, a MeteoRA router
-over two LoRA experts) next to pooled LoRA adapters, in the same batches.
+"""Serving adapters the pool's slots cannot hold (DoRA, VeRA, a LoRAMoE mixture, a LoRA with trainable
+token rows, a MeteoRA router over two LoRA experts) next to pooled LoRA adapters, in the same batches.
 
 The reference for every request is offline greedy generation (`model.generate`) with that adapter
 alone, loaded by loralab's own loader; the engine serves them from one model through the core
@@ -28,6 +28,7 @@ ATTACHED = {
     "dora": ll.AdapterSpec(method="dora", r=4, alpha=8, targets=["q_proj", "v_proj"]),
     "vera": ll.AdapterSpec(method="vera", r=8, targets=["o_proj", "up_proj"]),
     "moe": ll.AdapterSpec(method="loramoe", r=2, targets=["q_proj", "down_proj"], options={"experts": 3, "top_k": 2}),
+    "tokens": ll.AdapterSpec(r=4, targets=["k_proj"], trainable_token_indices=list(range(3, 64, 2))),
 }
 EXPERTS = ["e1", "e2"]
 

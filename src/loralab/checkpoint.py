@@ -30,6 +30,8 @@ from loralab.peft_lora_fields import check_supported, init_from_peft
 from loralab.rank_pattern import layer_patterns, read_patterns
 from loralab.spec import AdapterSpec
 from loralab.targets import candidate_modules, matches
+from loralab.token_rows import SAVED_KEY as TOKEN_KEY
+from loralab.token_rows import TokenRows, TokenRowSet
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -120,12 +122,15 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
         "layers_pattern": None,
         "lora_bias": False,
         "revision": None,
+        "trainable_token_indices": spec.trainable_token_indices,
         **(variant or {}),
     }
     if method.peft_type not in (None, "LORA"):  # PEFT's own format for the method (BOFT): its fields, not LoRA's
         fields = method.peft_config(spec, adapted)
         if (rank_pattern or alpha_pattern) and fields is not None and "rank_pattern" not in fields:
             fields = None  # layers with ranks or scales of their own, which that format has no place for
+        if spec.trainable_token_indices is not None:
+            fields = None  # only PEFT's LoRA config has trainable token rows
         if fields is not None:  # None: settings that format cannot hold, saved in loralab's layout
             shared = {k: config[k] for k in PEFT_SHARED_FIELDS
                       if not (k in method.peft_lacks and k in UNUSED and config[k] == UNUSED[k])}
@@ -150,9 +155,17 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         if isinstance(module, SavedModule) and name in module.copies:
             for key, t in module.copies[name].state_dict().items():
                 out[f"{PREFIX}{path}.{key}"] = t
+    for path, rows in _token_rows(model, name):
+        out[f"{PREFIX}{path}.{TOKEN_KEY}"] = rows.delta
     for key, t in _bias_tensors(model, spec.bias, name).items():
         out[PREFIX + key] = t
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+
+
+def _token_rows(model: nn.Module, name: str) -> list[tuple[str, TokenRowSet]]:
+    """(path, row set) of adapter `name`'s trainable token rows, each saved once (not under a tied head)."""
+    return [(path, module.rows[name]) for path, module in wrappers(model)
+            if isinstance(module, TokenRows) and not module.tied and name in module.rows]
 
 
 def _has_base_offset(model: nn.Module, name: str) -> bool:
@@ -235,7 +248,8 @@ def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
         layers = None
     shared = dict(targets=targets, exclude=config.get("exclude_modules"), bias=config.get("bias") or "none",
                   modules_to_save=list(config.get("modules_to_save") or []), layers=layers,
-                  layers_pattern=(config.get("layers_pattern") or None) if layers is not None else None)
+                  layers_pattern=(config.get("layers_pattern") or None) if layers is not None else None,
+                  trainable_token_indices=config.get("trainable_token_indices"))
     if peft_type in formats:
         return AdapterSpec(**{**shared, **formats[peft_type].spec_from_peft(config)})
     extra = config.get("loralab") or {}
@@ -315,6 +329,14 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], spec: A
                 with torch.no_grad():
                     t.copy_(mine[key])
                 used.add(f"{path}.{key}")
+    for path, rows in _token_rows(model, name):
+        key = f"{path}.{TOKEN_KEY}"
+        if key not in tensors:
+            raise ValueError(f"adapter file lacks {key} (the trainable token rows)")
+        check_shape(key, tensors[key].shape, rows.delta.shape)
+        with torch.no_grad():
+            rows.delta.copy_(tensors[key])
+        used.add(key)
     params = dict(model.named_parameters())
     biases = {k: v for k, v in tensors.items() if k not in used and k.endswith("bias") and spec.bias != "none"}
     for key, t in biases.items():

@@ -29,7 +29,7 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter path")
     g.add_argument("--targets", default="all-linear",
                    help="comma-separated module-name suffixes (q_proj,v_proj), a regex, or all-linear")
-    g.add_argument("--layers", type=_block_indices, metavar="0,2,20-29",
+    g.add_argument("--layers", type=_int_ranges, metavar="0,2,20-29",
                    help="only targets in these numbered blocks (PEFT's layers_to_transform)")
     g.add_argument("--layers-pattern", help="the name before the block index, e.g. layers or h (default: the first "
                                             "number in the module name)")
@@ -42,20 +42,23 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
                    help="matching modules get their own alpha (PEFT's alpha_pattern); repeatable")
     g.add_argument("--init-option", action="append", metavar="KEY=VALUE",
                    help="an initialiser option, e.g. rho=2 for eva; repeatable")
+    g.add_argument("--trainable-tokens", type=_int_ranges, metavar="0,2,49150-49151",
+                   help="token ids whose rows of the input embedding train too (PEFT's trainable_token_indices), "
+                        "e.g. new chat tokens; a tied output head uses the same rows")
     g.add_argument("--calibration-batches", type=int, default=8,
                    help="training batches that data-driven inits (lora-ga, eva, corda) look at")
 
 
-def _block_indices(text: str) -> list[int]:
-    """"0,2,20-29" → [0, 2, 20, …, 29]."""
+def _int_ranges(text: str) -> list[int]:
+    """"0,2,20-29" → [0, 2, 20, …, 29] (block indices, token ids)."""
     indices: list[int] = []
     for part in filter(None, (t.strip() for t in text.split(","))):
         first, _, last = part.partition("-")
         if not first.isdigit() or (last and not last.isdigit()) or (last and int(last) < int(first)):
-            raise argparse.ArgumentTypeError(f"{part!r} is not a block index or a range like 20-29")
+            raise argparse.ArgumentTypeError(f"{part!r} is not a number or a range like 20-29")
         indices.extend(range(int(first), int(last or first) + 1))
     if not indices:
-        raise argparse.ArgumentTypeError("give block indices, e.g. 0,2,20-29")
+        raise argparse.ArgumentTypeError("give numbers or ranges, e.g. 0,2,20-29")
     return indices
 
 
@@ -71,7 +74,8 @@ def spec_from_args(args: argparse.Namespace, modules_to_save: list[str] | None =
                        init=args.init, rslora=args.rslora, modules_to_save=modules_to_save or [],
                        layers=args.layers, layers_pattern=args.layers_pattern,
                        options=_parse_options(args.option), init_options=_parse_options(args.init_option),
-                       rank_pattern=_parse_options(args.rank_pattern), alpha_pattern=_parse_options(args.alpha_pattern))
+                       rank_pattern=_parse_options(args.rank_pattern), alpha_pattern=_parse_options(args.alpha_pattern),
+                       trainable_token_indices=args.trainable_tokens)
 
 
 def add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
@@ -294,6 +298,8 @@ def inspect(args: argparse.Namespace) -> int:
           f"rank      r={s.r} alpha={s.alpha:g} rslora={s.rslora}\n"
           f"targets   {c.get('target_modules')}\nbase      {c.get('base_model_name_or_path')}\n"
           f"task      {c.get('task_type')}\nparams    {s.params:,} in {len(s.layers)} modules")
+    if c.get("trainable_token_indices"):
+        print(f"tokens    trained rows of {c['trainable_token_indices']}")
     width = max((len(layer.module) for layer in s.layers), default=6)
     print(f"\n  {'module':<{width}}  {'params':>9}  {'|s·BA|_F':>10}  {'|tensors|':>10}")
     for layer in s.layers:

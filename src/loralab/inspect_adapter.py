@@ -57,7 +57,7 @@ def summarize(path: str | os.PathLike) -> AdapterSummary:
     tensors = read_tensors(path)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, t in tensors.items():
-        for marker in (".lora_", ".base_layer."):
+        for marker in (".lora_", ".base_layer.", ".token_adapter."):
             if marker in key:
                 module, _, rest = key.partition(marker)
                 groups[module][marker.strip(".") + rest] = t

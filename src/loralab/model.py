@@ -23,7 +23,8 @@ from loralab.progress import over_layers
 from loralab.registry import close_matches, unknown_name_message
 from loralab.siblings import link_siblings
 from loralab.spec import AdapterSpec, pattern_value
-from loralab.targets import candidate_modules, resolve_targets, suffix_match
+from loralab.targets import candidate_modules, resolve_targets, set_module, suffix_match
+from loralab.token_rows import TokenRows, attach_token_rows, plan_token_rows
 
 
 @dataclass
@@ -58,15 +59,12 @@ def _known(model: nn.Module, name: str) -> str:
     return name
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, module)
+WRAPPERS = (AdaptedLayer, SavedModule, TokenRows)  # what loralab puts into a model (the protocol in layers.py)
 
 
-def wrappers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer | SavedModule]]:
+def wrappers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer | SavedModule | TokenRows]]:
     for path, module in model.named_modules():
-        if isinstance(module, AdaptedLayer | SavedModule):
+        if isinstance(module, WRAPPERS):
             yield path, module
 
 
@@ -123,6 +121,13 @@ def add_adapter(
 
     paths = resolve_targets(model, spec.targets, spec.exclude, skip=spec.modules_to_save, layers=spec.layers,
                             layers_pattern=spec.layers_pattern)
+    saved_paths = _resolve_saved(model, spec.modules_to_save)
+    for path in [*paths, *saved_paths]:
+        if isinstance(model.get_submodule(path), TokenRows):
+            raise ValueError(f"{path} has another adapter's trainable token rows; it cannot also be adapted or "
+                             "saved in full")
+    token_plan = ({} if spec.trainable_token_indices is None else
+                  plan_token_rows(model, spec.trainable_token_indices, paths, saved_paths))
     kinds = []
     for path in paths:
         current = model.get_submodule(path)
@@ -136,12 +141,11 @@ def add_adapter(
             new.append((path, method_cls(kind, layer_spec, shared=shared)))
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
-    saved_paths = _resolve_saved(model, spec.modules_to_save)
     for path in saved_paths:
         current = model.get_submodule(path)
         if not isinstance(current, SavedModule):
             current = SavedModule(current)
-            _set_module(model, path, current)
+            set_module(model, path, current)
         current.add(name)
 
     for p in model.parameters():
@@ -150,17 +154,18 @@ def add_adapter(
         current = model.get_submodule(path)
         if not isinstance(current, AdaptedLayer):
             current = AdaptedLayer(current)
-            _set_module(model, path, current)
+            set_module(model, path, current)
         current.add(name, method)
         method.attach(current)
+    attach_token_rows(model, name, token_plan)
     state.specs[name] = spec
     link_siblings(model)
     init(model, new, InitContext(calibration, calibration_batches, loss_fn, spec.init_options))
     if dtype is not None:
         for _, method in new:
             method.to(dtype)
-        for path in saved_paths:
-            model.get_submodule(path).copies[name].to(dtype)
+        for path in [*saved_paths, *token_plan]:
+            model.get_submodule(path).held[name].to(dtype)
     set_active(model, name if activate else state.active)
     return model
 
@@ -270,14 +275,22 @@ def merge(model: nn.Module, names: str | list[str] | None = None) -> None:
     names = state_of(model).active if names is None else [names] if isinstance(names, str) else names
     for n in names:
         _known(model, n)
-        for _, layer in adapted_layers(model, n):
-            layer.merge(n)
+        for _, layer in _mergeable(model):
+            if n in layer.held:
+                layer.merge(n)
 
 
 def unmerge(model: nn.Module) -> None:
     """Restore the base weights of every merged layer."""
-    for _, layer in adapted_layers(model):
+    for _, layer in _mergeable(model):
         layer.unmerge_all()
+
+
+def _mergeable(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer | TokenRows]]:
+    """The wrappers whose adapters fold into the base weights (a module saved in full is swapped in instead)."""
+    for path, module in wrappers(model):
+        if isinstance(module, AdaptedLayer | TokenRows):
+            yield path, module
 
 
 def merge_and_unload(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
@@ -285,7 +298,7 @@ def merge_and_unload(model: nn.Module, names: str | list[str] | None = None) -> 
     merge(model, names)
     active = state_of(model).active
     for path, module in list(wrappers(model)):
-        _set_module(model, path, module.plain(active))
+        set_module(model, path, module.plain(active))
     for p in model.parameters():
         p.requires_grad_(False)
     for handle in model._loralab.hook_handles:
@@ -302,7 +315,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
         if name in module.held:
             module.remove(name)
         if not module.held:
-            _set_module(model, path, module.unwrapped)
+            set_module(model, path, module.unwrapped)
     del state.specs[name]
     state.active = [n for n in state.active if n != name]
     link_siblings(model)

@@ -1,7 +1,7 @@
 """Fields of PEFT's LoRA config beyond r, alpha, targets and the like, as loralab reads them.
 
 Features of PEFT's LoRA that change what an adapter computes and that loralab does not implement
-(a bias on B, trainable token rows, activated LoRA, LoRA on parameters, …) are refused by name
+(a bias on B, activated LoRA, LoRA on parameters, …) are refused by name
 (`check_supported`), rather than loaded as a plain LoRA that computes something else.
 
 `init_lora_weights`: most of PEFT's initialisers only pick the starting A and B, which the saved
@@ -26,7 +26,6 @@ from typing import Any
 
 UNSUPPORTED = {  # field → what it does; each is refused where set (not false, None or empty)
     "lora_bias": "a trained bias on lora_B",
-    "trainable_token_indices": "trained rows of the token embeddings (TrainableTokens)",
     "alora_invocation_tokens": "activated LoRA (the adapter acts only from its invocation tokens on)",
     "target_parameters": "LoRA on parameters rather than modules (e.g. MoE experts)",
     "layer_replication": "replicated base layers",

@@ -57,6 +57,9 @@ class AdapterSpec:
              the first numbered part of the module name.
     rslora:  rank-stabilised scaling alpha / sqrt(r) (arXiv 2312.03732).
     options: method-specific settings; a method refuses options it does not take.
+    trainable_token_indices: token rows of the input embedding trained in place of the base's (PEFT's
+             TrainableTokens, e.g. for new chat tokens): a list of token ids, or {module name: ids} for other
+             embeddings; an output head tied to the embedding uses the same rows.
     rank_pattern, alpha_pattern: per-layer r and alpha, as PEFT's: {"q_proj": 4, "layers.0.mlp.up_proj": 32}
              (a key matches a module whose name ends with it, the first matching key wins); a layer
              none matches takes r and alpha. Not for methods whose layers share parameters sized by r.
@@ -78,6 +81,7 @@ class AdapterSpec:
     init_options: dict[str, Any] = field(default_factory=dict)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
@@ -89,6 +93,11 @@ class AdapterSpec:
         self.init_options = dict(self.init_options or {})
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
+        tokens = self.trainable_token_indices
+        if isinstance(tokens, tuple):
+            self.trainable_token_indices = list(tokens)
+        elif isinstance(tokens, dict):
+            self.trainable_token_indices = {k: list(v) if isinstance(v, tuple) else v for k, v in tokens.items()}
         self.validate()
 
     def validate(self) -> None:
@@ -106,6 +115,25 @@ class AdapterSpec:
             raise ValueError(f"targets must be non-empty strings, got {self.targets!r}")
         self._validate_layers()
         self._validate_patterns()
+        self._validate_tokens()
+
+    def _validate_tokens(self) -> None:
+        tokens = self.trainable_token_indices
+        if tokens is None:
+            return
+        groups = tokens.items() if isinstance(tokens, dict) else [(None, tokens)]
+        if isinstance(tokens, dict) and not tokens:
+            raise ValueError("trainable_token_indices is an empty dict: name a module and its token ids, or use None")
+        for key, ids in groups:
+            where = "trainable_token_indices" + (f"[{key!r}]" if key is not None else "")
+            if key is not None and (not isinstance(key, str) or not key):
+                raise ValueError(f"trainable_token_indices keys are module names or their endings, got {key!r}")
+            if not isinstance(ids, list | tuple) or not ids or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ValueError(f"{where} must be a non-empty list of token ids (integers >= 0), got {ids!r}")
+            repeated = sorted({i for i in ids if list(ids).count(i) > 1})
+            if repeated:
+                raise ValueError(f"{where} lists token ids more than once: {repeated}")
 
     def _validate_patterns(self) -> None:
         for field_name, valid, positive in (("rank_pattern", is_rank, "a positive integer"),

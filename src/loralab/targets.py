@@ -18,6 +18,13 @@ def suffix_match(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at `path` in `model` (in place of what is there)."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
 def matches(name: str, pattern: str | list[str]) -> bool:
     if isinstance(pattern, str):
         return re.fullmatch(pattern, name) is not None
@@ -26,14 +33,14 @@ def matches(name: str, pattern: str | list[str]) -> bool:
 
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, base layer) for every module, looking through loralab's own wrappers."""
-    from loralab.layers import AdaptedLayer, SavedModule
+    from loralab.model import WRAPPERS
 
     stack = [("", model)]
     while stack:
         prefix, module = stack.pop()
         for child_name, child in module.named_children():
             name = f"{prefix}.{child_name}" if prefix else child_name
-            if isinstance(child, AdaptedLayer | SavedModule):
+            if isinstance(child, WRAPPERS):
                 yield name, child.unwrapped
             else:
                 yield name, child

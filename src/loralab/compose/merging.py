@@ -209,10 +209,12 @@ def _lora_family() -> list[str]:
 
 
 def _check_extras(spec: AdapterSpec, label: str) -> None:
-    if spec.modules_to_save or spec.bias != "none":
-        extra = f"modules_to_save {spec.modules_to_save}" if spec.modules_to_save else f"bias={spec.bias!r}"
-        raise ValueError(f"adapter {label} also trains {extra}; combine merges only the low-rank factors, so it "
-                         "takes adapters without modules_to_save and with bias='none'")
+    extras = [what for used, what in ((spec.modules_to_save, f"modules_to_save {spec.modules_to_save}"),
+                                      (spec.bias != "none", f"bias={spec.bias!r}"),
+                                      (spec.trainable_token_indices, "trainable token rows")) if used]
+    if extras:
+        raise ValueError(f"adapter {label} also trains {extras[0]}; combine merges only the low-rank factors, so "
+                         "it takes adapters without modules_to_save or token rows, and with bias='none'")
 
 
 def _model_factors(model: nn.Module, name: str, label: str) -> dict[str, Pair]:
