@@ -15,6 +15,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import loralab as ll
+from loralab.model import methods_of
 from loralab.serve.pool import unstackable
 from loralab.token_rows import TokenRows
 
@@ -260,3 +261,44 @@ def test_combine_refuses_token_rows_and_squeeze_keeps_them(tmp_path):
     with torch.no_grad():
         got = ll.load_adapter(llama(), tmp_path / "squeezed")(input_ids=IDS).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_token_rows_alone_are_peft_trainable_tokens_files_both_ways(tmp_path, tied):
+    from peft import TrainableTokensConfig
+
+    theirs = get_peft_model(llama(tied), TrainableTokensConfig(token_indices=TOKENS))
+    with torch.no_grad():
+        theirs.base_model.model.model.embed_tokens.trainable_tokens_delta["default"].copy_(new_rows())
+        want = theirs(input_ids=IDS).logits
+        theirs.save_pretrained(tmp_path / "peft")
+        ours = ll.load_adapter(llama(tied), tmp_path / "peft")
+        assert ll.adapter_names(ours) == ["default"] and not list(methods_of(ours, "default"))
+        torch.testing.assert_close(ours(input_ids=IDS).logits, want)
+        ll.save_adapter(ours, tmp_path / "ours")
+        config = ll.read_config(tmp_path / "ours")
+        assert config["peft_type"] == "TRAINABLE_TOKENS" and config["token_indices"] == TOKENS
+        assert set(ll.read_tensors(tmp_path / "ours")) == set(ll.read_tensors(tmp_path / "peft"))
+        back = PeftModel.from_pretrained(llama(tied), tmp_path / "ours")
+        torch.testing.assert_close(back(input_ids=IDS).logits, want)
+
+
+def test_token_rows_alone_in_python():
+    base = llama()
+    ours = ll.add_adapter(copy.deepcopy(base), ll.AdapterSpec(targets=[], trainable_token_indices=TOKENS))
+    assert ll.trainable_parameters(ours).trainable == len(TOKENS) * 16
+    set_rows(ours, new_rows())
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, with_rows(base, new_rows())(input_ids=IDS).logits)
+    with pytest.raises(ValueError, match="targets=\\[\\] with trainable_token_indices"):
+        ll.AdapterSpec(targets=[])
+
+
+def test_inspect_a_token_rows_only_file(tmp_path, capsys):
+    from loralab.cli import main
+
+    ll.save_adapter(ll.add_adapter(llama(), ll.AdapterSpec(targets=[], trainable_token_indices=TOKENS)), tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "method    token rows only (peft_type TRAINABLE_TOKENS)" in out and "rank " not in out
+    assert f"tokens    trained rows of {{'model.embed_tokens': {TOKENS}}}" in out

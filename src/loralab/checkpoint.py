@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from loralab import peft_tokens
 from loralab.layers import SavedModule
 from loralab.methods.base import METHODS, SavedTensors, check_shape
 from loralab.model import adapted_layers, add_adapter, get_spec, methods_of, remove_adapter, wrappers
@@ -31,7 +32,7 @@ from loralab.rank_pattern import layer_patterns, read_patterns
 from loralab.spec import AdapterSpec
 from loralab.targets import candidate_modules, matches
 from loralab.token_rows import SAVED_KEY as TOKEN_KEY
-from loralab.token_rows import TokenRows, TokenRowSet
+from loralab.token_rows import TokenRows
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -98,6 +99,10 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
     if offset:
         r = 2 * spec.r
         alpha = spec.scale * (math.sqrt(r) if spec.rslora else r)
+    tokens = _token_layers(model, name)
+    if peft_tokens.tokens_alone(spec, tokens, len(adapted), name):
+        return peft_tokens.peft_config(spec, tokens, name, {"task_type": _task_type(model),
+                                                            "base_model_name_or_path": _base_name(model)})
     rank_pattern, alpha_pattern = layer_patterns(adapted.items(), r, alpha, spec.rslora, 2 if offset else 1)
     variant = method.peft_config(spec, adapted) if method.peft_type == "LORA" else None
     config: dict[str, Any] = {
@@ -145,8 +150,14 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Everything adapter `name` saves, under PEFT's key names."""
     spec = get_spec(model, name)
-    out: dict[str, torch.Tensor] = {}
-    for path, method in methods_of(model, name):
+    tokens = _token_layers(model, name)
+    adapted = list(methods_of(model, name))
+    if peft_tokens.tokens_alone(spec, tokens, len(adapted), name):
+        out = {PREFIX + k: t for k, t in peft_tokens.peft_tensors(tokens, name).items()}
+    else:
+        out = {f"{PREFIX}{path}.{TOKEN_KEY}": layer.rows[name].delta for path, layer in tokens.items()
+               if not layer.tied}
+    for path, method in adapted:
         for key, t in _saved_for_original_base(method).items():
             out[f"{PREFIX}{path}.{key}"] = t
         if method.shared is not None:
@@ -155,17 +166,14 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         if isinstance(module, SavedModule) and name in module.copies:
             for key, t in module.copies[name].state_dict().items():
                 out[f"{PREFIX}{path}.{key}"] = t
-    for path, rows in _token_rows(model, name):
-        out[f"{PREFIX}{path}.{TOKEN_KEY}"] = rows.delta
     for key, t in _bias_tensors(model, spec.bias, name).items():
         out[PREFIX + key] = t
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
 
 
-def _token_rows(model: nn.Module, name: str) -> list[tuple[str, TokenRowSet]]:
-    """(path, row set) of adapter `name`'s trainable token rows, each saved once (not under a tied head)."""
-    return [(path, module.rows[name]) for path, module in wrappers(model)
-            if isinstance(module, TokenRows) and not module.tied and name in module.rows]
+def _token_layers(model: nn.Module, name: str) -> dict[str, TokenRows]:
+    """Path → layer for every layer with adapter `name`'s token rows (a tied head's included: `layer.tied`)."""
+    return {path: module for path, module in wrappers(model) if isinstance(module, TokenRows) and name in module.rows}
 
 
 def _has_base_offset(model: nn.Module, name: str) -> bool:
@@ -238,9 +246,11 @@ def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
     (rank_pattern, alpha_pattern) included: `spec.for_layer(path)` gives a layer's own."""
     peft_type = config.get("peft_type")
     formats = _peft_formats()
+    if peft_type == peft_tokens.PEFT_TYPE:
+        return AdapterSpec(**peft_tokens.spec_fields(config))
     if peft_type not in ("LORA", "LORALAB", *formats):
         raise ValueError(f"peft_type {peft_type!r} is not supported; loralab reads "
-                         f"{', '.join(['LORA', 'LORALAB', *sorted(formats)])} adapters")
+                         f"{', '.join(['LORA', 'LORALAB', peft_tokens.PEFT_TYPE, *sorted(formats)])} adapters")
     check_supported(config)  # LoRA's fields, which AdaLoRA's config has too
     targets = config["target_modules"]
     layers = config.get("layers_to_transform")
@@ -287,7 +297,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     `dtype`: its tensors' dtype (default: the base weights'; see `add_adapter`)."""
     config = read_config(path)
     spec = spec_from_config(config)
-    tensors = METHODS.get(spec.method).remap_saved(config, read_tensors(path))
+    tensors = read_tensors(path)
+    tensors = (peft_tokens.remap(tensors) if config.get("peft_type") == peft_tokens.PEFT_TYPE
+               else METHODS.get(spec.method).remap_saved(config, tensors))
     add_adapter(model, spec, name, activate=activate, dtype=dtype)
     try:
         _fill(model, name, tensors, spec)
@@ -329,8 +341,11 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], spec: A
                 with torch.no_grad():
                     t.copy_(mine[key])
                 used.add(f"{path}.{key}")
-    for path, rows in _token_rows(model, name):
-        key = f"{path}.{TOKEN_KEY}"
+    for path, layer in _token_layers(model, name).items():
+        key, rows = f"{path}.{TOKEN_KEY}", layer.rows[name]
+        if layer.tied:  # the rows of the layer it is tied to (PEFT's TRAINABLE_TOKENS files hold a copy)
+            used.add(key)
+            continue
         if key not in tensors:
             raise ValueError(f"adapter file lacks {key} (the trainable token rows)")
         check_shape(key, tensors[key].shape, rows.delta.shape)

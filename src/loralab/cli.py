@@ -294,12 +294,14 @@ def inspect(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(s), indent=2))
         return 0
     c = s.config
-    print(f"adapter   {s.path}\nmethod    {s.method} (peft_type {c.get('peft_type')})\n"
-          f"rank      r={s.r} alpha={s.alpha:g} rslora={s.rslora}\n"
-          f"targets   {c.get('target_modules')}\nbase      {c.get('base_model_name_or_path')}\n"
+    method = "token rows only" if s.tokens_only else s.method
+    print(f"adapter   {s.path}\nmethod    {method} (peft_type {c.get('peft_type')})")
+    if not s.tokens_only:
+        print(f"rank      r={s.r} alpha={s.alpha:g} rslora={s.rslora}")
+    print(f"targets   {c.get('target_modules')}\nbase      {c.get('base_model_name_or_path')}\n"
           f"task      {c.get('task_type')}\nparams    {s.params:,} in {len(s.layers)} modules")
-    if c.get("trainable_token_indices"):
-        print(f"tokens    trained rows of {c['trainable_token_indices']}")
+    if s.tokens:
+        print(f"tokens    trained rows of {s.tokens}")
     width = max((len(layer.module) for layer in s.layers), default=6)
     print(f"\n  {'module':<{width}}  {'params':>9}  {'|s·BA|_F':>10}  {'|tensors|':>10}")
     for layer in s.layers:

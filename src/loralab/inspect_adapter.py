@@ -34,6 +34,12 @@ class AdapterSummary:
     alpha: float = 0.0  # as the method reads it, whatever the config's field for it is called
     rslora: bool = False
     notes: list[str] = field(default_factory=list)  # what the figures do not say
+    tokens: list[int] | dict[str, list[int]] | None = None  # trainable token rows (ids, or module → ids)
+
+    @property
+    def tokens_only(self) -> bool:
+        """Token rows and nothing else (PEFT's TRAINABLE_TOKENS): no rank or scale to speak of."""
+        return self.config.get("peft_type") == "TRAINABLE_TOKENS"
 
 
 RANK_DIAGONALS = ("lora_gate", "lora_diag")  # SoRA's gate, KaSA's Δσ: ΔW = s·B·diag(d)·A
@@ -80,4 +86,4 @@ def summarize(path: str | os.PathLike) -> AdapterSummary:
                      "s·BA is the change from a base that init changed, not from the original base "
                      "(loading it re-forms that base; saving it from loralab converts it)")
     return AdapterSummary(str(path), config, spec.method, sum(t.numel() for t in tensors.values()), layers,
-                          spec.r, spec.alpha, spec.rslora, notes)
+                          spec.r, spec.alpha, spec.rslora, notes, spec.trainable_token_indices)

@@ -119,8 +119,9 @@ def add_adapter(
     method_cls = METHODS.get(spec.method)
     init = INITS.get(spec.init)
 
-    paths = resolve_targets(model, spec.targets, spec.exclude, skip=spec.modules_to_save, layers=spec.layers,
-                            layers_pattern=spec.layers_pattern)
+    paths = [] if spec.targets == [] else resolve_targets(  # [] only with token rows (AdapterSpec checks)
+        model, spec.targets, spec.exclude, skip=spec.modules_to_save, layers=spec.layers,
+        layers_pattern=spec.layers_pattern)
     saved_paths = _resolve_saved(model, spec.modules_to_save)
     for path in [*paths, *saved_paths]:
         if isinstance(model.get_submodule(path), TokenRows):

@@ -59,7 +59,8 @@ class AdapterSpec:
     options: method-specific settings; a method refuses options it does not take.
     trainable_token_indices: token rows of the input embedding trained in place of the base's (PEFT's
              TrainableTokens, e.g. for new chat tokens): a list of token ids, or {module name: ids} for other
-             embeddings; an output head tied to the embedding uses the same rows.
+             embeddings; an output head tied to the embedding uses the same rows. With targets=[] the
+             adapter is those rows alone (PEFT's TRAINABLE_TOKENS).
     rank_pattern, alpha_pattern: per-layer r and alpha, as PEFT's: {"q_proj": 4, "layers.0.mlp.up_proj": 32}
              (a key matches a module whose name ends with it, the first matching key wins); a layer
              none matches takes r and alpha. Not for methods whose layers share parameters sized by r.
@@ -109,8 +110,9 @@ class AdapterSpec:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
-        if not self.targets:
-            raise ValueError("targets is empty: give module-name suffixes, a regex, or 'all-linear'")
+        if not self.targets and (self.targets != [] or self.trainable_token_indices is None):
+            raise ValueError("targets is empty: give module-name suffixes, a regex, or 'all-linear' (or targets=[] "
+                             "with trainable_token_indices, for token rows alone)")
         if isinstance(self.targets, list) and not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"targets must be non-empty strings, got {self.targets!r}")
         self._validate_layers()
