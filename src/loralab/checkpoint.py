@@ -26,7 +26,7 @@ from torch import nn
 from loralab import peft_tokens
 from loralab.layers import SavedModule
 from loralab.methods.base import METHODS, SavedTensors, check_shape
-from loralab.model import adapted_layers, add_adapter, get_spec, methods_of, remove_adapter, wrappers
+from loralab.model import ATTENTION_OUT, adapted_layers, add_adapter, get_spec, methods_of, remove_adapter, wrappers
 from loralab.peft_lora_fields import check_supported, init_from_peft
 from loralab.rank_pattern import layer_patterns, read_patterns
 from loralab.spec import AdapterSpec
@@ -83,7 +83,8 @@ def _base_name(model: nn.Module) -> str | None:
 
 
 def _saved_targets(model: nn.Module, paths: list[str]) -> list[str]:
-    """Leaf names when they pick exactly these modules (as PEFT writes them), else full names."""
+    """Leaf names when they pick exactly these modules (as PEFT writes them), else full names. An adapted
+    attention's out_proj goes with it, unnamed (model._with_attention_outputs)."""
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
     picked = {n for n, _ in candidate_modules(model) if matches(n, leaves)}
     return leaves if picked == set(paths) else sorted(paths)
@@ -112,7 +113,7 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": spec.dropout,
-        "target_modules": _saved_targets(model, list(layers)),
+        "target_modules": _saved_targets(model, [p for p in layers if not p.endswith(ATTENTION_OUT)]),
         "exclude_modules": None,
         "use_rslora": spec.rslora,
         "use_dora": False,

@@ -4,6 +4,8 @@ Methods see every layer as one matrix W of shape [out_features, in_features] and
 function `apply(x, W)` (the layer's own operation without bias). This file maps that
 canonical view onto nn.Linear, nn.Conv1d/2d/3d, nn.Embedding and transformers' GPT-2-style
 Conv1D (which stores W transposed), so no method needs per-layer-type code.
+nn.MultiheadAttention is seen as its packed input projection; it is not linear in its input, so
+its adapted forward runs the attention with W + ΔW in place of that weight (`call_with`).
 """
 
 from __future__ import annotations
@@ -43,11 +45,11 @@ class LayerKind:
 
     @property
     def out_features(self) -> int:
-        return self.base.weight.shape[0]
+        return self.weight.shape[0]
 
     @property
     def in_features(self) -> int:
-        return self.base.weight[0].numel()
+        return self.weight[0].numel()
 
     def matrix(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The canonical [out, in] view of `weight` (default: the base weight)."""
@@ -147,7 +149,41 @@ class EmbeddingKind(TransposedKind):
         return F.embedding(x, table, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
 
 
-SUPPORTED_TYPES = "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, transformers Conv1D"
+class AttentionKind(LayerKind):
+    """nn.MultiheadAttention's packed input projection, W = in_proj_weight [3·E, E] (query, key and value
+    stacked), as PEFT adapts it; its out_proj is adapted as a linear layer beside it, which the attention
+    reads by weight (AdaptedLayer.weight)."""
+
+    name = "mha"
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        if not base._qkv_same_embed_dim:
+            raise ValueError("adapters on nn.MultiheadAttention need query, key and value of one width "
+                             "(kdim and vdim unset), as its input projection is then one packed weight")
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.base.in_proj_weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.in_proj_bias
+
+    def apply(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        raise TypeError("nn.MultiheadAttention is not linear in its input: its adapters change its weight "
+                        "(call_with), not its output")
+
+    def call_with(self, weight: torch.Tensor, bias: torch.Tensor | None, args: tuple, kwargs: dict):
+        """The attention's own forward, with `weight` (and `bias`) as its input projection."""
+        swapped = {"in_proj_weight": weight} if bias is None else {"in_proj_weight": weight, "in_proj_bias": bias}
+        return torch.func.functional_call(self.base, swapped, args, kwargs)
+
+    def runs_plain(self) -> bool:
+        return False
+
+
+SUPPORTED_TYPES = "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, nn.MultiheadAttention, transformers Conv1D"
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:
@@ -160,6 +196,8 @@ def kind_of(module: nn.Module) -> LayerKind | None:
         return EmbeddingKind(module)
     if _is_hf_conv1d(module):
         return HFConv1DKind(module)
+    if isinstance(module, nn.MultiheadAttention):
+        return AttentionKind(module)
     return None
 
 

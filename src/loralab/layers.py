@@ -77,6 +77,46 @@ class AdaptedLayer(nn.Module):
         """The base layer: merged adapters are in its weights."""
         return self.base_layer
 
+    def __getattr__(self, name: str):
+        """What the base layer has, for code that reads a layer's attributes (in_features, an attention's
+        batch_first); an attention's packed input projection as it computes with it (see `weight`)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__["_modules"].get("base_layer") if "_modules" in self.__dict__ else None
+            if base is None or name.startswith("__"):
+                raise
+            if self.kind.name == "mha" and name in ("in_proj_weight", "in_proj_bias"):
+                return self.weight if name == "in_proj_weight" else self.bias
+            return getattr(base, name)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight this layer computes with, for code that reads a layer's weight instead of calling it
+        (nn.MultiheadAttention reads its out_proj's): the base weight with the live adapters folded in,
+        differentiably, so they train through it (an input dropout does not apply there)."""
+        weight = self.kind.weight
+        if self._rows_use_adapters():
+            raise RuntimeError("this layer's weight was read directly (not through its forward) in a mixed-adapter "
+                               "batch, where each row has its own weight; run one adapter at a time")
+        if self.disabled or not self._live or self.row_plan is not None:
+            return weight
+        matrix = self.kind.matrix(weight)
+        for method in self._live:
+            matrix = method.merged_weight(matrix)
+        return self.kind.to_weight(matrix)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias this layer computes with (see `weight`)."""
+        bias = self.kind.bias
+        if bias is None or self.disabled or self.row_plan is not None:
+            return bias
+        for method in self._live:
+            changed = method.merged_bias(bias)
+            bias = bias if changed is None else changed
+        return bias
+
     def add(self, name: str, method: AdapterMethod) -> None:
         self.adapters[name] = method
         self._refresh()
@@ -114,6 +154,8 @@ class AdaptedLayer(nn.Module):
         return self._live[0].fused_terms(x) if self._alone else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.kind.name == "mha":
+            return self._forward_attention(x, *args, **kwargs)
         alone = self._alone
         if alone and not args and not kwargs:
             if self.siblings is not None and torch.is_grad_enabled():  # (siblings group only then)
@@ -139,6 +181,20 @@ class AdaptedLayer(nn.Module):
                 changed = method.add_to(changed, x, base)
         # the base layer's dtype, also where an adapter's float32 tensors meet autocast's 16-bit products
         return changed if changed.dtype == out.dtype else changed.to(out.dtype)
+
+    def _forward_attention(self, *args, **kwargs):
+        """nn.MultiheadAttention run with its adapted input projection (see layer_kinds.AttentionKind)."""
+        if self._rows_use_adapters():
+            raise RuntimeError("mixed-adapter batches are not supported through nn.MultiheadAttention (its "
+                               "adapters change its weights, one set per call); run one adapter at a time")
+        if self.disabled or not self._live or self.row_plan is not None:
+            return self.base_layer(*args, **kwargs)
+        return self.kind.call_with(self.weight, self.bias, args, kwargs)
+
+    def _rows_use_adapters(self) -> bool:
+        """Whether a mixed-adapter batch is running with rows that use this layer's adapters."""
+        return self.row_plan is not None and not self.disabled and any(
+            name in self.adapters for name, _ in self.row_plan.groups)
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor, plan: RowPlan) -> torch.Tensor:
         if self.merged:

@@ -119,19 +119,19 @@ def add_adapter(
     method_cls = METHODS.get(spec.method)
     init = INITS.get(spec.init)
 
-    paths = [] if spec.targets == [] else resolve_targets(  # [] only with token rows (AdapterSpec checks)
+    paths = [] if spec.targets == [] else _with_attention_outputs(model, resolve_targets(  # [] only with token rows
         model, spec.targets, spec.exclude, skip=spec.modules_to_save, layers=spec.layers,
-        layers_pattern=spec.layers_pattern)
+        layers_pattern=spec.layers_pattern))
     saved_paths = _resolve_saved(model, spec.modules_to_save)
     for path in [*paths, *saved_paths]:
-        if isinstance(model.get_submodule(path), TokenRows):
+        if isinstance(_layer_at(model, path), TokenRows):
             raise ValueError(f"{path} has another adapter's trainable token rows; it cannot also be adapted or "
                              "saved in full")
     token_plan = ({} if spec.trainable_token_indices is None else
                   plan_token_rows(model, spec.trainable_token_indices, paths, saved_paths))
     kinds = []
     for path in paths:
-        current = model.get_submodule(path)
+        current = _layer_at(model, path)
         kinds.append(current.kind if isinstance(current, AdaptedLayer) else kind_of(current))
     layer_specs = [spec.for_layer(path) for path in paths]
     _check_patterns(method_cls, spec, dict(zip(paths, layer_specs)))
@@ -169,6 +169,32 @@ def add_adapter(
             model.get_submodule(path).held[name].to(dtype)
     set_active(model, name if activate else state.active)
     return model
+
+
+ATTENTION_OUT = ".base_layer.out_proj"  # an adapted nn.MultiheadAttention's out_proj, under its wrapper
+
+
+def _with_attention_outputs(model: nn.Module, paths: list[str]) -> list[str]:
+    """PEFT's rule for nn.MultiheadAttention: an adapter on it adapts its packed input projection and its
+    out_proj (which the attention reads by weight, never calling it); that out_proj named on its own
+    beside it is dropped."""
+    out: list[str] = []
+    for path in paths:
+        module = model.get_submodule(path)
+        out.append(path)
+        if isinstance(getattr(module, "base_layer", module), nn.MultiheadAttention):
+            out.append(path + ATTENTION_OUT)
+    attentions = {p.removesuffix(ATTENTION_OUT) for p in out if p.endswith(ATTENTION_OUT)}
+    return [p for p in out if p.endswith(ATTENTION_OUT) or p.removesuffix(".out_proj") not in attentions - {p}]
+
+
+def _layer_at(model: nn.Module, path: str) -> nn.Module:
+    """The module at `path`, where `<attention>.base_layer.out_proj` may name the out_proj of an attention
+    not wrapped yet."""
+    if path.endswith(ATTENTION_OUT):
+        attention = model.get_submodule(path.removesuffix(ATTENTION_OUT))
+        return getattr(attention, "base_layer", attention).out_proj
+    return model.get_submodule(path)
 
 
 def _resolve_saved(model: nn.Module, keys: list[str]) -> list[str]:
@@ -298,7 +324,7 @@ def merge_and_unload(model: nn.Module, names: str | list[str] | None = None) -> 
     """Merge, then replace every wrapper by the plain module: a model with no trace of loralab."""
     merge(model, names)
     active = state_of(model).active
-    for path, module in list(wrappers(model)):
+    for path, module in reversed(list(wrappers(model))):  # inner wrappers first (an attention's out_proj)
         set_module(model, path, module.plain(active))
     for p in model.parameters():
         p.requires_grad_(False)
@@ -312,7 +338,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     """Detach an adapter; layers left with none go back to the plain base layer."""
     state = state_of(model)
     _known(model, name)
-    for path, module in list(wrappers(model)):
+    for path, module in reversed(list(wrappers(model))):  # inner wrappers first (an attention's out_proj)
         if name in module.held:
             module.remove(name)
         if not module.held:

@@ -32,6 +32,7 @@ class LoRA(AdapterMethod):
     paper = "2106.09685"
     param_formula = "r·(in + out)"
     peft_type = "LORA"
+    layer_kinds = (*AdapterMethod.layer_kinds, "mha")
 
     # Overriding any of these changes what the layer computes, so a subclass that does loses the fused path.
     _FORWARD = ("drop", "delta", "low_rank_out", "forward", "add_to", "apply_alone")
