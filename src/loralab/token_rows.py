@@ -52,10 +52,11 @@ class TokenRowSet(nn.Module):
         return torch.where(hit.unsqueeze(-1), rows.to(out.dtype), out)
 
     def project(self, layer: nn.Linear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """`out` = layer(x) with the outputs (logits) of the chosen tokens computed from these rows."""
-        bias = None if layer.bias is None else layer.bias[self.indices]
-        rows = F.linear(x, self.delta.to(x.dtype), None if bias is None else bias.to(x.dtype))
-        return out.index_copy(-1, self.indices, rows.to(out.dtype))
+        """`out` = layer(x) (a fresh output, changed in place) with the outputs (logits) of the chosen tokens
+        computed from these rows: their difference from the base rows is added to those columns, so neither
+        pass copies the vocabulary-wide output."""
+        change = self.delta - layer.weight.detach()[self.indices].to(self.delta.dtype)
+        return out.index_add_(-1, self.indices, F.linear(x, change.to(x.dtype)).to(out.dtype))
 
     def extra_repr(self) -> str:
         return f"tokens={len(self.indices)}"
