@@ -242,6 +242,21 @@ def test_train_with_trainable_token_rows(tmp_path, capsys):
     assert "tokens    trained rows of [101, 102, 30520, 30521]" in out and "bert.embeddings.word_embeddings " in out
 
 
+def test_trainable_tokens_by_their_text(capsys):
+    from transformers import AutoTokenizer
+
+    from loralab.cli import _token_ids
+    from loralab.zoo.models import resolve
+
+    vocab = AutoTokenizer.from_pretrained(resolve("smollm2-135m"), local_files_only=True).get_vocab()
+    assert _token_ids("<|im_start|>,7,10-11", "smollm2-135m") == [vocab["<|im_start|>"], 7, 10, 11]
+    wrong = r"'<\|im_strt\|>' is not a token of smollm2-135m's tokenizer; close: <\|im_start"
+    with pytest.raises(ValueError, match=wrong):
+        _token_ids("<|im_strt|>", "smollm2-135m")
+    assert main(["train", "--out", "x", "--trainable-tokens", ","]) == 2
+    assert "give token ids" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text", ["5-3", "a", "1,,x", ","])
 def test_bad_block_indices_are_refused(text, capsys):
     with pytest.raises(SystemExit):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 
@@ -42,9 +43,9 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
                    help="matching modules get their own alpha (PEFT's alpha_pattern); repeatable")
     g.add_argument("--init-option", action="append", metavar="KEY=VALUE",
                    help="an initialiser option, e.g. rho=2 for eva; repeatable")
-    g.add_argument("--trainable-tokens", type=_int_ranges, metavar="0,2,49150-49151",
-                   help="token ids whose rows of the input embedding train too (PEFT's trainable_token_indices), "
-                        "e.g. new chat tokens; a tied output head uses the same rows")
+    g.add_argument("--trainable-tokens", metavar="<|im_start|>,2,49150-49151",
+                   help="tokens whose rows of the input embedding train too (PEFT's trainable_token_indices), "
+                        "by their text in the tokenizer or by id; a tied output head uses the same rows")
     g.add_argument("--calibration-batches", type=int, default=8,
                    help="training batches that data-driven inits (lora-ga, eva, corda) look at")
 
@@ -62,6 +63,36 @@ def _int_ranges(text: str) -> list[int]:
     return indices
 
 
+def _token_ids(text: str | None, base: str) -> list[int] | None:
+    """"<|im_start|>,2,49150-49151" → token ids: numbers and ranges as they are, other parts looked up in the
+    tokenizer of `base`."""
+    if text is None:
+        return None
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    named = [p for p in parts if not re.fullmatch(r"\d+(-\d+)?", p)]
+    vocab = {}
+    if named:
+        from transformers import AutoTokenizer
+
+        from loralab.registry import close_matches
+        from loralab.zoo.models import resolve
+
+        vocab = AutoTokenizer.from_pretrained(resolve(base), local_files_only=True).get_vocab()
+    ids: list[int] = []
+    for part in parts:
+        if part not in named:
+            ids.extend(_int_ranges(part))
+        elif part in vocab:
+            ids.append(vocab[part])
+        else:
+            close = close_matches(part, vocab)
+            raise ValueError(f"--trainable-tokens: {part!r} is not a token of {base}'s tokenizer"
+                             + (f"; close: {', '.join(close)}" if close else ""))
+    if not ids:
+        raise ValueError("--trainable-tokens: give token ids, ranges like 20-29, or tokens by their text")
+    return ids
+
+
 def spec_from_args(args: argparse.Namespace, modules_to_save: list[str] | None = None):
     from loralab.spec import AdapterSpec
 
@@ -75,7 +106,7 @@ def spec_from_args(args: argparse.Namespace, modules_to_save: list[str] | None =
                        layers=args.layers, layers_pattern=args.layers_pattern,
                        options=_parse_options(args.option), init_options=_parse_options(args.init_option),
                        rank_pattern=_parse_options(args.rank_pattern), alpha_pattern=_parse_options(args.alpha_pattern),
-                       trainable_token_indices=args.trainable_tokens)
+                       trainable_token_indices=_token_ids(args.trainable_tokens, args.base))
 
 
 def add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
