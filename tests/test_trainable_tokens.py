@@ -302,3 +302,15 @@ def test_inspect_a_token_rows_only_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "method    token rows only (peft_type TRAINABLE_TOKENS)" in out and "rank " not in out
     assert f"tokens    trained rows of {{'model.embed_tokens': {TOKENS}}}" in out
+
+
+def test_a_tied_head_named_alone_changes_only_its_own_outputs_as_in_peft(tmp_path):
+    config = LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices={"lm_head": TOKENS})
+    theirs = get_peft_model(llama(), config)
+    with torch.no_grad():
+        theirs.base_model.model.lm_head.token_adapter.trainable_tokens_delta["default"].copy_(new_rows())
+        want = theirs(input_ids=IDS).logits
+        theirs.save_pretrained(tmp_path)
+        ours = ll.load_adapter(llama(), tmp_path)
+        assert type(ours.model.embed_tokens) is nn.Embedding
+        torch.testing.assert_close(ours(input_ids=IDS).logits, want)

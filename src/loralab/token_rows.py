@@ -243,13 +243,16 @@ def plan_token_rows(model: nn.Module, tokens: list[int] | dict[str, list[int]], 
         if max(indices) >= size:
             raise ValueError(f"trainable_token_indices: {path} has {size} rows (tokens 0..{size - 1}), got token "
                              f"{max(indices)}")
-    # an embedding owns the rows it shares with a tied head (PEFT saves them under the embedding)
+    # an embedding's rows are shared by a head tied to it (and saved under the embedding), as in PEFT; a head
+    # named alone changes only its own outputs
     owners = sorted(named, key=lambda p: not isinstance(modules[p], nn.Embedding))
     plan: dict[str, tuple[list[int], str | None]] = {}
     for path in owners:
         if path in plan:
             continue
         plan[path] = (named[path], None)
+        if not isinstance(modules[path], nn.Embedding):
+            continue
         for other, module in modules.items():
             if other == path or getattr(module, "weight", None) is not modules[path].weight:
                 continue
