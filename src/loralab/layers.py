@@ -2,11 +2,12 @@
 
 `AdaptedLayer` wraps one base layer and holds named adapter methods; its output is the base
 output plus the change of every active adapter. `SavedModule` wraps a module trained in
-full for an adapter (PEFT's `modules_to_save`, e.g. a classifier head). Both can take a
+full for an adapter (PEFT's `modules_to_save`, e.g. a classifier head); loralab.token_rows'
+`TokenRows` wraps an embedding whose rows at some tokens are trained. Each can take a
 `RowPlan` — which rows of the batch use which adapter — so one forward pass may mix
 adapters; the serving engine and the mixture routers use that same path.
 
-Both follow one wrapper protocol, which loralab.model relies on: `held` (the per-adapter modules by
+All three are a `Wrapper`, whose protocol loralab.model relies on: `held` (the per-adapter modules by
 name), `unwrapped` (the module they wrap), `plain(active)` (what is left once the adapters are merged
 and the wrapper unloaded), and add/remove/set_active, `disabled`, `row_plan`.
 """
@@ -44,7 +45,37 @@ class RowPlan:
         return RowPlan([(n, idx.to(device)) for n, idx in self.groups])
 
 
-class AdaptedLayer(nn.Module):
+class Wrapper(nn.Module):
+    """What every wrapper shares (the protocol in the module docstring): per-adapter modules in `held`, the
+    active ones, the merged ones, the disabled switch and the row plan."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self.row_plan: RowPlan | None = None
+
+    @property
+    def held(self) -> nn.ModuleDict:
+        raise NotImplementedError
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before removing it")
+        del self.held[name]
+        self.active = [n for n in self.active if n != name]
+        self._refresh()
+
+    def set_active(self, names: list[str]) -> None:
+        self.active = [n for n in names if n in self.held]
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Recompute what follows from the held, active and merged adapters."""
+
+
+class AdaptedLayer(Wrapper):
     """A base layer plus named adapters (see module docstring)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -55,10 +86,6 @@ class AdaptedLayer(nn.Module):
         self.base_layer = base_layer
         self.kind: LayerKind = kind
         self.adapters = nn.ModuleDict()
-        self.active: list[str] = []
-        self.merged: list[str] = []
-        self.disabled = False
-        self.row_plan: RowPlan | None = None
         self._backups: dict[str, torch.Tensor] = {}
         self._bias_backups: dict[str, torch.Tensor] = {}  # of adapters whose merge changes the bias
         self._live: list[AdapterMethod] = []
@@ -119,17 +146,6 @@ class AdaptedLayer(nn.Module):
 
     def add(self, name: str, method: AdapterMethod) -> None:
         self.adapters[name] = method
-        self._refresh()
-
-    def remove(self, name: str) -> None:
-        if name in self.merged:
-            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before removing it")
-        del self.adapters[name]
-        self.active = [n for n in self.active if n != name]
-        self._refresh()
-
-    def set_active(self, names: list[str]) -> None:
-        self.active = [n for n in names if n in self.adapters]
         self._refresh()
 
     def _refresh(self) -> None:
@@ -249,16 +265,13 @@ class AdaptedLayer(nn.Module):
         return f"adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"
 
 
-class SavedModule(nn.Module):
+class SavedModule(Wrapper):
     """A module trained in full per adapter: the original stays, each adapter has a copy."""
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
         self.original = original
         self.copies = nn.ModuleDict()
-        self.active: list[str] = []
-        self.disabled = False
-        self.row_plan: RowPlan | None = None
 
     @property
     def held(self) -> nn.ModuleDict:
@@ -278,13 +291,6 @@ class SavedModule(nn.Module):
             p.requires_grad_(True)
         self.copies[name] = clone
         return clone
-
-    def remove(self, name: str) -> None:
-        del self.copies[name]
-        self.active = [n for n in self.active if n != name]
-
-    def set_active(self, names: list[str]) -> None:
-        self.active = [n for n in names if n in self.copies]
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         if self.disabled:

@@ -17,7 +17,7 @@ from torch import nn
 
 from loralab.inits.base import INITS, InitContext
 from loralab.layer_kinds import kind_of
-from loralab.layers import AdaptedLayer, RowPlan, SavedModule
+from loralab.layers import AdaptedLayer, RowPlan, SavedModule, Wrapper
 from loralab.methods.base import METHODS, AdapterMethod
 from loralab.progress import over_layers
 from loralab.registry import close_matches, unknown_name_message
@@ -59,12 +59,10 @@ def _known(model: nn.Module, name: str) -> str:
     return name
 
 
-WRAPPERS = (AdaptedLayer, SavedModule, TokenRows)  # what loralab puts into a model (the protocol in layers.py)
-
-
-def wrappers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer | SavedModule | TokenRows]]:
+def wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:
+    """(path, wrapper) for everything loralab put into the model (layers.Wrapper's protocol)."""
     for path, module in model.named_modules():
-        if isinstance(module, WRAPPERS):
+        if isinstance(module, Wrapper):
             yield path, module
 
 

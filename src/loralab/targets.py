@@ -33,14 +33,14 @@ def matches(name: str, pattern: str | list[str]) -> bool:
 
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, base layer) for every module, looking through loralab's own wrappers."""
-    from loralab.model import WRAPPERS
+    from loralab.layers import Wrapper
 
     stack = [("", model)]
     while stack:
         prefix, module = stack.pop()
         for child_name, child in module.named_children():
             name = f"{prefix}.{child_name}" if prefix else child_name
-            if isinstance(child, WRAPPERS):
+            if isinstance(child, Wrapper):
                 yield name, child.unwrapped
             else:
                 yield name, child

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loralab.layers import RowPlan
+from loralab.layers import Wrapper
 from loralab.registry import close_matches
 from loralab.targets import candidate_modules, set_module, suffix_match
 
@@ -73,7 +73,7 @@ def overlap(row_sets: Sequence[TokenRowSet]) -> list[int]:
     return sorted(twice)
 
 
-class TokenRows(nn.Module):
+class TokenRows(Wrapper):
     """An nn.Embedding or nn.Linear whose rows at some token indices are trained per adapter.
 
     `tied`: this layer shares its weight with another TokenRows layer (an output head tied to the input
@@ -90,10 +90,6 @@ class TokenRows(nn.Module):
         self.base_layer = base_layer
         self.tied = tied
         self.rows = nn.ModuleDict()
-        self.active: list[str] = []
-        self.merged: list[str] = []
-        self.disabled = False
-        self.row_plan: RowPlan | None = None
         self._backups: dict[str, torch.Tensor] = {}
         self._live: list[TokenRowSet] = []
 
@@ -116,17 +112,6 @@ class TokenRows(nn.Module):
         self.rows[name] = rows
         self._refresh()
         return rows
-
-    def remove(self, name: str) -> None:
-        if name in self.merged:
-            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before removing it")
-        del self.rows[name]
-        self.active = [n for n in self.active if n != name]
-        self._refresh()
-
-    def set_active(self, names: list[str]) -> None:
-        self.active = [n for n in names if n in self.rows]
-        self._refresh()
 
     def _refresh(self) -> None:
         self._live = [self.rows[n] for n in self.active if n not in self.merged]
