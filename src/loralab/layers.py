@@ -170,10 +170,8 @@ class AdaptedLayer(Wrapper):
         return self._live[0].fused_terms(x) if self._alone else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.kind.name == "mha":
-            return self._forward_attention(x, *args, **kwargs)
         alone = self._alone
-        if alone and not args and not kwargs:
+        if alone and not args and not kwargs:  # (an attention takes key and value too: never fused)
             if self.siblings is not None and torch.is_grad_enabled():  # (siblings group only then)
                 out = self.siblings.output(self, x)
                 if out is not None:
@@ -181,6 +179,8 @@ class AdaptedLayer(Wrapper):
             terms = self._live[0].fused_terms(x)
             if terms is not None:
                 return lora_linear(x, terms)
+        if self.kind.name == "mha":
+            return self._forward_attention(x, *args, **kwargs)
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
