@@ -117,16 +117,7 @@ def add_adapter(
     method_cls = METHODS.get(spec.method)
     init = INITS.get(spec.init)
 
-    paths = [] if spec.targets == [] else _with_attention_outputs(model, resolve_targets(  # [] only with token rows
-        model, spec.targets, spec.exclude, skip=spec.modules_to_save, layers=spec.layers,
-        layers_pattern=spec.layers_pattern))
-    saved_paths = _resolve_saved(model, spec.modules_to_save)
-    for path in [*paths, *saved_paths]:
-        if isinstance(_layer_at(model, path), TokenRows):
-            raise ValueError(f"{path} has another adapter's trainable token rows; it cannot also be adapted or "
-                             "saved in full")
-    token_plan = ({} if spec.trainable_token_indices is None else
-                  plan_token_rows(model, spec.trainable_token_indices, paths, saved_paths))
+    paths, saved_paths, token_plan = _where(model, spec)
     kinds = []
     for path in paths:
         current = _layer_at(model, path)
@@ -167,6 +158,22 @@ def add_adapter(
             model.get_submodule(path).held[name].to(dtype)
     set_active(model, name if activate else state.active)
     return model
+
+
+def _where(model: nn.Module, spec: AdapterSpec) -> tuple[list[str], list[str], dict[str, tuple[list[int], str | None]]]:
+    """What the adapter goes on, checked before anything changes: the layers its method adapts, the modules
+    it saves in full, and its token rows (token_rows.plan_token_rows)."""
+    paths = [] if spec.targets == [] else _with_attention_outputs(model, resolve_targets(  # [] only with token rows
+        model, spec.targets, spec.exclude, skip=spec.modules_to_save, layers=spec.layers,
+        layers_pattern=spec.layers_pattern))
+    saved_paths = _resolve_saved(model, spec.modules_to_save)
+    for path in [*paths, *saved_paths]:
+        if isinstance(_layer_at(model, path), TokenRows):
+            raise ValueError(f"{path} has another adapter's trainable token rows; it cannot also be adapted or "
+                             "saved in full")
+    token_plan = ({} if spec.trainable_token_indices is None else
+                  plan_token_rows(model, spec.trainable_token_indices, paths, saved_paths))
+    return paths, saved_paths, token_plan
 
 
 ATTENTION_OUT = ".base_layer.out_proj"  # an adapted nn.MultiheadAttention's out_proj, under its wrapper
