@@ -28,8 +28,8 @@ def test_the_weight_read_directly_computes_what_the_layer_does(kind, method, opt
     make, x, by_weight = CASES[kind]
     if kind not in METHODS.get(method).layer_kinds:
         pytest.skip(f"{method} does not adapt {kind} layers")
-    net = ll.add_adapter(nn.Sequential(make()), ll.AdapterSpec(method=method, r=2, targets=["0"],
-                                                                      options=options))
+    spec = ll.AdapterSpec(method=method, r=2, targets=["0"], options=options)
+    net = ll.add_adapter(nn.Sequential(make()), spec)
     with torch.no_grad():
         for _, p in net.named_parameters():
             if p.requires_grad:
