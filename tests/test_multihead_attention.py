@@ -103,8 +103,11 @@ def test_out_proj_named_beside_its_attention_is_adapted_once():
     assert set(model.enc.layers[0].self_attn._modules) == {"base_layer", "adapters"}
 
 
-def test_peft_files_both_ways(tmp_path):
-    theirs = get_peft_model(Net(), LoraConfig(r=2, lora_alpha=4, target_modules=["self_attn", "linear1"]))
+@pytest.mark.parametrize("ranks", [{}, {"layers.1.self_attn": 4}])
+def test_peft_files_both_ways(tmp_path, ranks):
+    """With a rank_pattern key for an attention, its out_proj takes that rank too (as in PEFT)."""
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["self_attn", "linear1"], rank_pattern=ranks)
+    theirs = get_peft_model(Net(), config)
     randomise_b(theirs, skip="out_proj")  # PEFT counts out_proj's ΔW twice (see the module docstring)
     with torch.no_grad():
         want = theirs(X)
@@ -113,7 +116,11 @@ def test_peft_files_both_ways(tmp_path):
         torch.testing.assert_close(ours(X), want)
         ll.save_adapter(ours, tmp_path / "ours")
         assert set(ll.read_tensors(tmp_path / "ours")) == set(ll.read_tensors(tmp_path / "peft"))
-        assert sorted(ll.read_config(tmp_path / "ours")["target_modules"]) == ["linear1", "self_attn"]
+        saved = ll.read_config(tmp_path / "ours")
+        assert sorted(saved["target_modules"]) == ["linear1", "self_attn"]
+        assert not any(k.endswith("out_proj") for k in saved["rank_pattern"])  # it follows its attention
+        assert ll.read_tensors(tmp_path / "ours")["enc.layers.1.self_attn.base_layer.out_proj.lora_A.weight"].shape[0] \
+            == (4 if ranks else 2)
         back = PeftModel.from_pretrained(Net(), tmp_path / "ours").train()  # (dropout 0: train mode is exact)
         torch.testing.assert_close(back(X), want)  # in eval, nn.TransformerEncoder's fast path skips PEFT's adapter
 

@@ -104,7 +104,8 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
     if peft_tokens.tokens_alone(spec, tokens, len(adapted), name):
         return peft_tokens.peft_config(spec, tokens, name, {"task_type": _task_type(model),
                                                             "base_model_name_or_path": _base_name(model)})
-    rank_pattern, alpha_pattern = layer_patterns(adapted.items(), r, alpha, spec.rslora, 2 if offset else 1)
+    patterned = [(p, m) for p, m in adapted.items() if not p.endswith(ATTENTION_OUT)]  # out_proj: its attention's
+    rank_pattern, alpha_pattern = layer_patterns(patterned, r, alpha, spec.rslora, 2 if offset else 1)
     variant = method.peft_config(spec, adapted) if method.peft_type == "LORA" else None
     config: dict[str, Any] = {
         "peft_type": "LORA" if variant is not None else "LORALAB",

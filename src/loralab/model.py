@@ -122,7 +122,7 @@ def add_adapter(
     for path in paths:
         current = _layer_at(model, path)
         kinds.append(current.kind if isinstance(current, AdaptedLayer) else kind_of(current))
-    layer_specs = [spec.for_layer(path) for path in paths]
+    layer_specs = [spec.for_layer(path.removesuffix(ATTENTION_OUT)) for path in paths]  # out_proj: its attention's
     _check_patterns(method_cls, spec, dict(zip(paths, layer_specs)))
     shared = method_cls.make_shared(spec, kinds)
     new: list[tuple[str, AdapterMethod]] = []
