@@ -138,3 +138,8 @@ def test_attention_with_its_own_key_and_value_widths_is_refused():
     net = nn.Sequential(nn.MultiheadAttention(16, 2, kdim=8, vdim=8))
     with pytest.raises(ValueError, match="query, key and value of one width"):
         ll.add_adapter(net, ll.AdapterSpec(r=2, targets=["0"]))
+
+
+def test_dropout_on_an_attention_is_named_as_not_applying():
+    with pytest.warns(UserWarning, match="dropout=0.1 does not apply to the adapters of nn.MultiheadAttention"):
+        ll.add_adapter(Net(), ll.AdapterSpec(r=2, dropout=0.1, targets=["self_attn", "linear1"]))

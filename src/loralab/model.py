@@ -122,6 +122,10 @@ def add_adapter(
     for path in paths:
         current = _layer_at(model, path)
         kinds.append(current.kind if isinstance(current, AdaptedLayer) else kind_of(current))
+    if spec.dropout and any(kind is not None and kind.name == "mha" for kind in kinds):
+        warnings.warn(f"dropout={spec.dropout} does not apply to the adapters of nn.MultiheadAttention layers (on "
+                      "its input projection and out_proj): they change the attention's weights, not its input "
+                      "(PEFT ignores it there too)", stacklevel=2)
     layer_specs = [spec.for_layer(path.removesuffix(ATTENTION_OUT)) for path in paths]  # out_proj: its attention's
     _check_patterns(method_cls, spec, dict(zip(paths, layer_specs)))
     shared = method_cls.make_shared(spec, kinds)
