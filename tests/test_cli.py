@@ -255,6 +255,8 @@ def test_trainable_tokens_by_their_text(capsys):
         _token_ids("<|im_strt|>", "smollm2-135m")
     assert main(["train", "--out", "x", "--trainable-tokens", ","]) == 2
     assert "give token ids" in capsys.readouterr().err
+    assert main(["train", "--out", "x", "--trainable-tokens", "9-3"]) == 2
+    assert "'9-3' is not a number or a range like 20-29" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text", ["5-3", "a", "1,,x", ","])

@@ -81,7 +81,10 @@ def _token_ids(text: str | None, base: str) -> list[int] | None:
     ids: list[int] = []
     for part in parts:
         if part not in named:
-            ids.extend(_int_ranges(part))
+            try:
+                ids.extend(_int_ranges(part))
+            except argparse.ArgumentTypeError as err:
+                raise ValueError(f"--trainable-tokens: {err}") from None
         elif part in vocab:
             ids.append(vocab[part])
         else:
