@@ -56,6 +56,28 @@ def test_an_adapted_transformer_compiles_as_one_graph_with_the_eager_output(meth
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
+def test_token_rows_compile_as_one_graph_with_the_eager_output_and_gradient():
+    model = tiny_llama("lora")
+    model.model.embed_tokens.padding_idx = 0  # a padding token, whose row (if trained) gets no gradient
+    ll.add_adapter(model, ll.AdapterSpec(targets=[], trainable_token_indices=[3, 5, 7]), name="rows")
+    ll.set_active(model, ["default", "rows"])
+    ids = torch.tensor([[3, 1, 5, 9, 7, 3, 2, 8]])
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(input_ids=ids)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    torch._dynamo.reset()
+    delta = model.model.embed_tokens.rows["rows"].delta
+    losses, grads = [], []
+    for run in (model, torch.compile(model)):
+        loss = run(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(delta.grad.clone())
+        delta.grad = None
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
 def test_dora_under_compile_sees_a_merged_base_weight():
     """Compiled DoRA recomputes ‖W‖ in the graph (no data-pointer cache), so a merge that changes W shows."""
     model = tiny_llama("dora")

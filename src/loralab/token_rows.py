@@ -30,9 +30,12 @@ SAVED_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's key, under the embe
 class TokenRowSet(nn.Module):
     """One adapter's trained rows: `delta[i]` replaces row `indices[i]` of the base weight."""
 
-    def __init__(self, weight: torch.Tensor, indices: Sequence[int]) -> None:
+    def __init__(self, weight: torch.Tensor, indices: Sequence[int], padding_idx: int | None = None) -> None:
         super().__init__()
-        idx = torch.tensor(list(indices), dtype=torch.long, device=weight.device)
+        indices = list(indices)
+        # the padding token's row gets no gradient, as F.embedding gives the base's padding row none
+        self.padding_slot = indices.index(padding_idx) if padding_idx in indices else None
+        idx = torch.tensor(indices, dtype=torch.long, device=weight.device)
         self.delta = nn.Parameter(weight.detach()[idx].clone())
         self.register_buffer("indices", idx, persistent=False)
         slots = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
@@ -43,9 +46,7 @@ class TokenRowSet(nn.Module):
         """`out` = layer(ids) with the embeddings of the chosen tokens taken from these rows."""
         slot = self.slots[ids]
         hit = slot >= 0
-        pad = None if layer.padding_idx is None else int(self.slots[layer.padding_idx])
-        # the padding token's row gets no gradient, as F.embedding gives the base's padding row none
-        rows = F.embedding(slot.clamp(min=0), self.delta, padding_idx=pad if pad is not None and pad >= 0 else None)
+        rows = F.embedding(slot.clamp(min=0), self.delta, padding_idx=self.padding_slot)
         scale = getattr(layer, "embed_scale", None)  # embeddings that scale their output (Gemma's)
         if scale is not None:
             rows = rows * scale
@@ -108,7 +109,8 @@ class TokenRows(Wrapper):
 
     def add(self, name: str, indices: Sequence[int] | TokenRowSet) -> TokenRowSet:
         """Give adapter `name` rows at `indices`, started from the base's (or the tied owner's row set)."""
-        rows = indices if isinstance(indices, TokenRowSet) else TokenRowSet(self.base_layer.weight, indices)
+        rows = indices if isinstance(indices, TokenRowSet) else TokenRowSet(
+            self.base_layer.weight, indices, getattr(self.base_layer, "padding_idx", None))
         self.rows[name] = rows
         self._refresh()
         return rows
