@@ -93,6 +93,7 @@ class TokenRows(Wrapper):
         self.rows = nn.ModuleDict()
         self._backups: dict[str, torch.Tensor] = {}
         self._live: list[TokenRowSet] = []
+        self._clash: tuple[list[str], list[int]] | None = None  # live adapters whose rows overlap, and where
 
     # ---- the wrapper protocol ------------------------------------------------------------------
     @property
@@ -116,7 +117,10 @@ class TokenRows(Wrapper):
         return rows
 
     def _refresh(self) -> None:
-        self._live = [self.rows[n] for n in self.active if n not in self.merged]
+        live = [n for n in self.active if n not in self.merged]
+        self._live = [self.rows[n] for n in live]
+        both = overlap(self._live) if len(self._live) > 1 else []
+        self._clash = (live, both) if both else None  # raised by the forward, not by set_active
 
     @property
     def weight(self) -> torch.Tensor:
@@ -147,8 +151,8 @@ class TokenRows(Wrapper):
                     mine = self._replace(self.rows[name], x.index_select(0, idx), out.index_select(0, idx))
                     out = out.index_copy(0, idx, mine)
             return out
-        if len(self._live) > 1:
-            _check_disjoint(self.active, self._live)
+        if self._clash is not None:
+            raise _overlap_error(*self._clash)
         for rows in self._live:
             out = self._replace(rows, x, out)
         return out
@@ -160,7 +164,9 @@ class TokenRows(Wrapper):
         layer only notes it, as the owner of the shared weight writes it."""
         if name in self.merged:
             return
-        _check_disjoint([*self.merged, name], [self.rows[n] for n in [*self.merged, name]])
+        both = overlap([self.rows[n] for n in [*self.merged, name]])
+        if both:
+            raise _overlap_error([*self.merged, name], both)
         if not self.tied:
             rows, weight = self.rows[name], self.base_layer.weight
             self._backups[name] = weight[rows.indices].clone()
@@ -181,12 +187,10 @@ class TokenRows(Wrapper):
         return f"adapters={list(self.rows)}, active={self.active}, merged={self.merged}, tied={self.tied}"
 
 
-def _check_disjoint(names: Sequence[str], row_sets: Sequence[TokenRowSet]) -> None:
-    both = overlap(row_sets)
-    if both:
-        raise ValueError(f"adapters {list(names)} train rows of the same tokens {both[:8]}"
-                         f"{' …' if len(both) > 8 else ''}: which rows to use is undefined, so they cannot be "
-                         "active or merged together (as in PEFT)")
+def _overlap_error(names: Sequence[str], both: list[int]) -> ValueError:
+    return ValueError(f"adapters {list(names)} train rows of the same tokens {both[:8]}"
+                      f"{' …' if len(both) > 8 else ''}: which rows to use is undefined, so they cannot be "
+                      "active or merged together (as in PEFT)")
 
 
 def _input_embedding(model: nn.Module, modules: dict[str, nn.Module]) -> str:
