@@ -276,3 +276,19 @@ def test_train_over_bfloat16_weights_keeps_a_float32_adapter(tmp_path, capsys):
     assert main(argv + ["--out", str(tmp_path / "b"), "--precision", "bf16"]) == 0
     saved = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
     assert {t.dtype for t in saved.values()} == {torch.float32}  # LoRA factors and the trained head
+
+
+def test_train_lora_on_parameters_alone(tmp_path, capsys):
+    """--targets none --target-parameters: LoRA on the named weights themselves (PEFT's target_parameters)."""
+    code = main(["train", "--base", "minilm-l6", "--task", "sst2", "--max-train", "16", "--max-test", "16",
+                 "--steps", "2", "--batch-size", "8", "--r", "2", "--targets", "none", "--target-parameters",
+                 "attention.self.query.weight", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    config = ll.read_config(tmp_path / "adapter")
+    assert config["target_parameters"] == ["attention.self.query.weight"] and config["target_modules"] == []
+    tensors = ll.read_tensors(tmp_path / "adapter")
+    b = {k for k, t in tensors.items() if k.endswith("lora_B.weight") and t.abs().max() > 0}
+    assert b == {f"bert.encoder.layer.{i}.attention.self.query.lora_B.weight" for i in range(6)}  # trained
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "adapter")]) == 0
+    assert "parameters ['attention.self.query.weight']" in capsys.readouterr().out

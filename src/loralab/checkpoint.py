@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loralab import peft_tokens
+from loralab import param_targets, peft_tokens
 from loralab.layers import SavedModule
 from loralab.methods.base import METHODS, SavedTensors, check_shape
 from loralab.model import ATTENTION_OUT, adapted_layers, add_adapter, get_spec, methods_of, remove_adapter, wrappers
@@ -105,6 +105,8 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
         return peft_tokens.peft_config(spec, tokens, name, {"task_type": _task_type(model),
                                                             "base_model_name_or_path": _base_name(model)})
     patterned = [(p, m) for p, m in adapted.items() if not p.endswith(ATTENTION_OUT)]  # out_proj: its attention's
+    patterned += [(f"{path}.{p}", update) for path, module in _param_layers(model, name).items()
+                  for p, update in module.adapters[name].items()]
     rank_pattern, alpha_pattern = layer_patterns(patterned, r, alpha, spec.rslora, 2 if offset else 1)
     variant = method.peft_config(spec, adapted) if method.peft_type == "LORA" else None
     config: dict[str, Any] = {
@@ -130,6 +132,7 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
         "lora_bias": False,
         "revision": None,
         "trainable_token_indices": spec.trainable_token_indices,
+        "target_parameters": spec.target_parameters,
         **(variant or {}),
     }
     if method.peft_type not in (None, "LORA"):  # PEFT's own format for the method (BOFT): its fields, not LoRA's
@@ -168,6 +171,8 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         if isinstance(module, SavedModule) and name in module.copies:
             for key, t in module.copies[name].state_dict().items():
                 out[f"{PREFIX}{path}.{key}"] = t
+    for path, module in _param_layers(model, name).items():
+        out.update({PREFIX + k: t for k, t in param_targets.peft_tensors(path, module, name).items()})
     for key, t in _bias_tensors(model, spec.bias, name).items():
         out[PREFIX + key] = t
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
@@ -176,6 +181,12 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 def _token_layers(model: nn.Module, name: str) -> dict[str, TokenRows]:
     """Path → layer for every layer with adapter `name`'s token rows (a tied head's included: `layer.tied`)."""
     return {path: module for path, module in wrappers(model) if isinstance(module, TokenRows) and name in module.rows}
+
+
+def _param_layers(model: nn.Module, name: str) -> dict[str, param_targets.ParamAdapters]:
+    """Path → module for every module whose parameters adapter `name` updates."""
+    return {path: module for path, module in wrappers(model)
+            if isinstance(module, param_targets.ParamAdapters) and name in module.adapters}
 
 
 def _has_base_offset(model: nn.Module, name: str) -> bool:
@@ -255,13 +266,16 @@ def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
                          f"{', '.join(['LORA', 'LORALAB', peft_tokens.PEFT_TYPE, *sorted(formats)])} adapters")
     check_supported(config)  # LoRA's fields, which AdaLoRA's config has too
     targets = config["target_modules"]
+    if targets is None and config.get("target_parameters"):
+        targets = []  # parameters alone
     layers = config.get("layers_to_transform")
     if isinstance(targets, str) or layers in (None, []):  # PEFT ignores the layers for a regex, and an empty list
         layers = None
     shared = dict(targets=targets, exclude=config.get("exclude_modules"), bias=config.get("bias") or "none",
                   modules_to_save=list(config.get("modules_to_save") or []), layers=layers,
                   layers_pattern=(config.get("layers_pattern") or None) if layers is not None else None,
-                  trainable_token_indices=config.get("trainable_token_indices"))
+                  trainable_token_indices=config.get("trainable_token_indices"),
+                  target_parameters=config.get("target_parameters") or None)
     if peft_type in formats:
         return AdapterSpec(**{**shared, **formats[peft_type].spec_from_peft(config)})
     extra = config.get("loralab") or {}
@@ -314,6 +328,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], spec: AdapterSpec) -> None:
     used: set[str] = set()
 
+    def take(key: str, target: torch.Tensor, what: str) -> None:
+        if key not in tensors:
+            raise ValueError(f"adapter file lacks {key} ({what})")
+        check_shape(key, tensors[key].shape, target.shape)
+        with torch.no_grad():
+            target.copy_(tensors[key])
+        used.add(key)
+
     def under(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
@@ -325,35 +347,21 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], spec: A
         if method.shared is not None and not shared_done:
             prefix = method.shared_prefix.removeprefix(PREFIX)  # as read_tensors left the keys
             for key, t in method.shared.state_dict().items():
-                if prefix + key not in tensors:
-                    raise ValueError(f"adapter file lacks {method.shared_prefix}{key} (the adapter's shared tensors)")
-                check_shape(prefix + key, tensors[prefix + key].shape, t.shape)
-                with torch.no_grad():
-                    t.copy_(tensors[prefix + key])
-                used.add(prefix + key)
+                take(prefix + key, t, "the adapter's shared tensors")
             shared_done = True
     for path, module in wrappers(model):
         if isinstance(module, SavedModule) and name in module.copies:
-            target = module.copies[name].state_dict()
-            mine = under(path)
-            for key, t in target.items():
-                if key not in mine:
-                    raise ValueError(f"adapter file lacks {path}.{key} (a module saved in full)")
-                check_shape(f"{path}.{key}", mine[key].shape, t.shape)
-                with torch.no_grad():
-                    t.copy_(mine[key])
-                used.add(f"{path}.{key}")
+            for key, t in module.copies[name].state_dict().items():
+                take(f"{path}.{key}", t, "a module saved in full")
+    for path, module in _param_layers(model, name).items():
+        for key, t in param_targets.peft_tensors(path, module, name).items():
+            take(key, t, "an adapted parameter's factor")
     for path, layer in _token_layers(model, name).items():
-        key, rows = f"{path}.{TOKEN_KEY}", layer.rows[name]
+        key = f"{path}.{TOKEN_KEY}"
         if layer.tied:  # the rows of the layer it is tied to (PEFT's TRAINABLE_TOKENS files hold a copy)
             used.add(key)
             continue
-        if key not in tensors:
-            raise ValueError(f"adapter file lacks {key} (the trainable token rows)")
-        check_shape(key, tensors[key].shape, rows.delta.shape)
-        with torch.no_grad():
-            rows.delta.copy_(tensors[key])
-        used.add(key)
+        take(key, layer.rows[name].delta, "the trainable token rows")
     params = dict(model.named_parameters())
     biases = {k: v for k, v in tensors.items() if k not in used and k.endswith("bias") and spec.bias != "none"}
     for key, t in biases.items():

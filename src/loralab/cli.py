@@ -29,7 +29,8 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=float, default=16.0, help="scaling numerator: scale = alpha / r")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter path")
     g.add_argument("--targets", default="all-linear",
-                   help="comma-separated module-name suffixes (q_proj,v_proj), a regex, or all-linear")
+                   help="comma-separated module-name suffixes (q_proj,v_proj), a regex, all-linear, or none (only "
+                        "the token rows or parameters below)")
     g.add_argument("--layers", type=_int_ranges, metavar="0,2,20-29",
                    help="only targets in these numbered blocks (PEFT's layers_to_transform)")
     g.add_argument("--layers-pattern", help="the name before the block index, e.g. layers or h (default: the first "
@@ -46,6 +47,9 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trainable-tokens", metavar="<|im_start|>,2,49150-49151",
                    help="tokens whose rows of the input embedding train too (PEFT's trainable_token_indices), "
                         "by their text in the tokenizer or by id; a tied output head uses the same rows")
+    g.add_argument("--target-parameters", metavar="experts.gate_up_proj,experts.down_proj",
+                   help="parameters LoRA updates directly, by their names' endings (PEFT's target_parameters): 2-D "
+                        "weights, or a mixture-of-experts block's 3-D expert stacks (one update per expert)")
     g.add_argument("--calibration-batches", type=int, default=8,
                    help="training batches that data-driven inits (lora-ga, eva, corda) look at")
 
@@ -100,7 +104,9 @@ def spec_from_args(args: argparse.Namespace, modules_to_save: list[str] | None =
     from loralab.spec import AdapterSpec
 
     targets = args.targets
-    if targets != "all-linear" and "," in targets:
+    if targets in ("", "none"):
+        targets = []
+    elif targets != "all-linear" and "," in targets:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     elif targets != "all-linear" and targets.isidentifier():
         targets = [targets]
@@ -109,7 +115,9 @@ def spec_from_args(args: argparse.Namespace, modules_to_save: list[str] | None =
                        layers=args.layers, layers_pattern=args.layers_pattern,
                        options=_parse_options(args.option), init_options=_parse_options(args.init_option),
                        rank_pattern=_parse_options(args.rank_pattern), alpha_pattern=_parse_options(args.alpha_pattern),
-                       trainable_token_indices=_token_ids(args.trainable_tokens, args.base))
+                       trainable_token_indices=_token_ids(args.trainable_tokens, args.base),
+                       target_parameters=[t.strip() for t in args.target_parameters.split(",") if t.strip()]
+                       if args.target_parameters else None)
 
 
 def add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
@@ -336,6 +344,8 @@ def inspect(args: argparse.Namespace) -> int:
           f"task      {c.get('task_type')}\nparams    {s.params:,} in {len(s.layers)} modules")
     if s.tokens:
         print(f"tokens    trained rows of {s.tokens}")
+    if c.get("target_parameters"):
+        print(f"parameters {c['target_parameters']} (LoRA on the parameters themselves)")
     width = max((len(layer.module) for layer in s.layers), default=6)
     print(f"\n  {'module':<{width}}  {'params':>9}  {'|s·BA|_F':>10}  {'|tensors|':>10}")
     for layer in s.layers:

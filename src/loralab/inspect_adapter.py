@@ -57,6 +57,14 @@ def lora_delta_norm(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
     return float(scale * torch.trace((b.T @ b) @ (a @ a.T)).clamp_min(0).sqrt())
 
 
+def expert_delta_norm(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int) -> float:
+    """‖ΔW‖_F over a stack of experts held as PEFT's target_parameters holds them (loralab.param_targets):
+    expert e's A is rows e·r … e·r + r − 1 of A, its B the columns e, E + e, … of B."""
+    a_e = a.reshape(experts, -1, a.shape[-1])
+    b_e = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)
+    return sum(lora_delta_norm(x, y, scale) ** 2 for x, y in zip(a_e, b_e)) ** 0.5
+
+
 def summarize(path: str | os.PathLike) -> AdapterSummary:
     config = read_config(path)
     spec = spec_from_config(config)
@@ -75,8 +83,15 @@ def summarize(path: str | os.PathLike) -> AdapterSummary:
     for module, own in sorted(groups.items()):
         a = own.get("lora_A.weight", own.get("lora_embedding_A"))
         b = own.get("lora_B.weight", own.get("lora_embedding_B"))
-        delta = None if a is None or b is None else lora_delta_norm(a, gated_b(b.reshape(b.shape[0], -1), own),
-                                                                    spec.for_layer(module).scale)
+        layer_spec = spec.for_layer(module)
+        experts = a.shape[0] // layer_spec.r if (
+            spec.target_parameters and a is not None and a.dim() == 2 and a.shape[0] % layer_spec.r == 0) else 1
+        if a is None or b is None:
+            delta = None
+        elif experts > 1:
+            delta = expert_delta_norm(a, b, layer_spec.scale, experts)
+        else:
+            delta = lora_delta_norm(a, gated_b(b.reshape(b.shape[0], -1), own), layer_spec.scale)
         flat = torch.cat([t.float().flatten() for t in own.values()])
         layers.append(LayerSummary(module, {k: list(t.shape) for k, t in own.items()}, flat.numel(), delta,
                                    float(flat.norm())))
@@ -85,5 +100,9 @@ def summarize(path: str | os.PathLike) -> AdapterSummary:
         notes.append(f"saved by PEFT with init_lora_weights={config['init_lora_weights']!r} and not converted: "
                      "s·BA is the change from a base that init changed, not from the original base "
                      "(loading it re-forms that base; saving it from loralab converts it)")
+    if spec.target_parameters:
+        notes.append(f"target_parameters {spec.target_parameters}: a module's targeted parameters are listed under "
+                     "its path, and its earlier ones under .base_layer (PEFT nests one wrapper per parameter, in the "
+                     "module's order); |s·BA|_F of an expert stack is over all its experts")
     return AdapterSummary(str(path), config, spec.method, sum(t.numel() for t in tensors.values()), layers,
                           spec.r, spec.alpha, spec.rslora, notes, spec.trainable_token_indices)

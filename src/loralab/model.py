@@ -19,6 +19,7 @@ from loralab.inits.base import INITS, InitContext
 from loralab.layer_kinds import kind_of
 from loralab.layers import AdaptedLayer, RowPlan, SavedModule, Wrapper
 from loralab.methods.base import METHODS, AdapterMethod
+from loralab.param_targets import ParamAdapters, attach_param_targets, plan_param_targets
 from loralab.progress import over_layers
 from loralab.registry import close_matches, unknown_name_message
 from loralab.siblings import link_siblings
@@ -117,7 +118,7 @@ def add_adapter(
     method_cls = METHODS.get(spec.method)
     init = INITS.get(spec.init)
 
-    paths, saved_paths, token_plan = _where(model, spec)
+    paths, saved_paths, token_plan, param_plan = _where(model, spec)
     kinds = []
     for path in paths:
         current = _layer_at(model, path)
@@ -127,7 +128,8 @@ def add_adapter(
                       "its input projection and out_proj): they change the attention's weights, not its input "
                       "(PEFT ignores it there too)", stacklevel=2)
     layer_specs = [spec.for_layer(path.removesuffix(ATTENTION_OUT)) for path in paths]  # out_proj: its attention's
-    _check_patterns(method_cls, spec, dict(zip(paths, layer_specs)))
+    param_keys = [f"{path}.{p}" for path, names in param_plan.items() for p in names]
+    _check_patterns(method_cls, spec, {**dict(zip(paths, layer_specs)), **{k: spec.for_layer(k) for k in param_keys}})
     shared = method_cls.make_shared(spec, kinds)
     new: list[tuple[str, AdapterMethod]] = []
     for path, kind, layer_spec in over_layers(list(zip(paths, kinds, layer_specs)), f"{spec.method}: layers"):
@@ -152,32 +154,38 @@ def add_adapter(
         current.add(name, method)
         method.attach(current)
     attach_token_rows(model, name, token_plan)
+    attach_param_targets(model, name, param_plan, lambda key: (spec.for_layer(key).r, spec.for_layer(key).scale))
     state.specs[name] = spec
     link_siblings(model)
     init(model, new, InitContext(calibration, calibration_batches, loss_fn, spec.init_options))
     if dtype is not None:
         for _, method in new:
             method.to(dtype)
-        for path in [*saved_paths, *token_plan]:
+        for path in [*saved_paths, *token_plan, *param_plan]:
             model.get_submodule(path).held[name].to(dtype)
     set_active(model, name if activate else state.active)
     return model
 
 
-def _where(model: nn.Module, spec: AdapterSpec) -> tuple[list[str], list[str], dict[str, tuple[list[int], str | None]]]:
+def _where(model: nn.Module, spec: AdapterSpec) -> tuple[list[str], list[str], dict[str, tuple[list[int], str | None]],
+                                                        dict[str, list[str]]]:
     """What the adapter goes on, checked before anything changes: the layers its method adapts, the modules
-    it saves in full, and its token rows (token_rows.plan_token_rows)."""
-    paths = [] if spec.targets == [] else _with_attention_outputs(model, resolve_targets(  # [] only with token rows
+    it saves in full, its token rows (token_rows.plan_token_rows) and the modules whose parameters it
+    updates (param_targets.plan_param_targets)."""
+    paths = [] if spec.targets == [] else _with_attention_outputs(model, resolve_targets(  # []: none of those
         model, spec.targets, spec.exclude, skip=spec.modules_to_save, layers=spec.layers,
         layers_pattern=spec.layers_pattern))
     saved_paths = _resolve_saved(model, spec.modules_to_save)
     for path in [*paths, *saved_paths]:
-        if isinstance(_layer_at(model, path), TokenRows):
-            raise ValueError(f"{path} has another adapter's trainable token rows; it cannot also be adapted or "
-                             "saved in full")
+        current = _layer_at(model, path)
+        if isinstance(current, TokenRows | ParamAdapters):
+            what = "trainable token rows" if isinstance(current, TokenRows) else "adapted parameters"
+            raise ValueError(f"{path} has another adapter's {what}; it cannot also be adapted or saved in full")
     token_plan = ({} if spec.trainable_token_indices is None else
                   plan_token_rows(model, spec.trainable_token_indices, paths, saved_paths))
-    return paths, saved_paths, token_plan
+    param_plan = ({} if spec.target_parameters is None else
+                  plan_param_targets(model, spec.target_parameters, {*paths, *saved_paths, *token_plan}))
+    return paths, saved_paths, token_plan, param_plan
 
 
 ATTENTION_OUT = ".base_layer.out_proj"  # an adapted nn.MultiheadAttention's out_proj, under its wrapper
@@ -322,10 +330,10 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge_all()
 
 
-def _mergeable(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer | TokenRows]]:
+def _mergeable(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer | TokenRows | ParamAdapters]]:
     """The wrappers whose adapters fold into the base weights (a module saved in full is swapped in instead)."""
     for path, module in wrappers(model):
-        if isinstance(module, AdaptedLayer | TokenRows):
+        if isinstance(module, AdaptedLayer | TokenRows | ParamAdapters):
             yield path, module
 
 

@@ -27,7 +27,6 @@ from typing import Any
 UNSUPPORTED = {  # field → what it does; each is refused where set (not false, None or empty)
     "lora_bias": "a trained bias on lora_B",
     "alora_invocation_tokens": "activated LoRA (the adapter acts only from its invocation tokens on)",
-    "target_parameters": "LoRA on parameters rather than modules (e.g. MoE experts)",
     "layer_replication": "replicated base layers",
     "megatron_config": "Megatron's parallel linear layers",
     "arrow_config": "Arrow routing over LoRA experts",

@@ -61,6 +61,10 @@ class AdapterSpec:
              TrainableTokens, e.g. for new chat tokens): a list of token ids, or {module name: ids} for other
              embeddings; an output head tied to the embedding uses the same rows. With targets=[] the
              adapter is those rows alone (PEFT's TRAINABLE_TOKENS).
+    target_parameters: nn.Parameters that LoRA updates directly, by their names' endings as PEFT matches
+             them (["experts.gate_up_proj", "experts.down_proj"]): 2-D weights, or a mixture-of-experts block's
+             3-D stacks of them, one update per expert (loralab.param_targets). LoRA (or rsLoRA) only,
+             without dropout, as in PEFT; with targets=[] the adapter is those updates alone.
     rank_pattern, alpha_pattern: per-layer r and alpha, as PEFT's: {"q_proj": 4, "layers.0.mlp.up_proj": 32}
              (a key matches a module whose name ends with it, the first matching key wins); a layer
              none matches takes r and alpha. Not for methods whose layers share parameters sized by r.
@@ -83,6 +87,7 @@ class AdapterSpec:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
@@ -99,6 +104,8 @@ class AdapterSpec:
             self.trainable_token_indices = list(tokens)
         elif isinstance(tokens, dict):
             self.trainable_token_indices = {k: list(v) if isinstance(v, tuple) else v for k, v in tokens.items()}
+        if isinstance(self.target_parameters, tuple):
+            self.target_parameters = list(self.target_parameters)
         self.validate()
 
     def validate(self) -> None:
@@ -110,14 +117,30 @@ class AdapterSpec:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
-        if not self.targets and (self.targets != [] or self.trainable_token_indices is None):
+        alone = self.trainable_token_indices is not None or self.target_parameters is not None
+        if not self.targets and (self.targets != [] or not alone):
             raise ValueError("targets is empty: give module-name suffixes, a regex, or 'all-linear' (or targets=[] "
-                             "with trainable_token_indices, for token rows alone)")
+                             "with trainable_token_indices or target_parameters, for those alone)")
         if isinstance(self.targets, list) and not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"targets must be non-empty strings, got {self.targets!r}")
         self._validate_layers()
         self._validate_patterns()
         self._validate_tokens()
+        self._validate_parameters()
+
+    def _validate_parameters(self) -> None:
+        keys = self.target_parameters
+        if keys is None:
+            return
+        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
+            raise ValueError(f"target_parameters must be a non-empty list of parameter names (or their endings), "
+                             f"got {keys!r}")
+        if self.method != "lora":
+            raise ValueError(f"target_parameters takes method 'lora' (rslora=True for rsLoRA), as in PEFT; got "
+                             f"{self.method!r}")
+        if self.dropout:
+            raise ValueError("target_parameters does not work with dropout (the update is to a weight that unknown "
+                             f"code reads, so no input to drop), as in PEFT; got dropout={self.dropout}")
 
     def _validate_tokens(self) -> None:
         tokens = self.trainable_token_indices

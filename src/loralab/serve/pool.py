@@ -11,8 +11,9 @@ Loading reads the PEFT-format folder, checks every tensor against the base layer
 and only then touches a slot, so a bad file leaves the pool as it was. Folders must lie
 inside the pool's root. The batched path serves plain LoRA on `nn.Linear` layers (PEFT
 `peft_type: LORA`, rsLoRA and per-layer ranks and scales included: each layer's factors
-go into the stack of their own rank class); DoRA, biases, `modules_to_save`, trainable token rows and embedding LoRA are
-refused at registration with the reason (`unstackable`) — attach those to the model instead
+go into the stack of their own rank class); DoRA, biases, `modules_to_save`, trainable token rows,
+LoRA on parameters and embedding LoRA are refused at registration with the reason
+(`unstackable`) — attach those to the model instead
 (`serve/attached.py`), and the engine serves them through the core per-row path. The pool
 puts its slots inside such attached layers, so both kinds share every batch.
 """
@@ -45,6 +46,10 @@ BASE_CHANGING = ("PEFT's init_lora_weights set to an init that changes the base 
                  "base, which the pool can hold)")
 
 
+WHOLE_BATCH = ("target_parameters (LoRA on parameters, e.g. MoE experts), which changes a weight for a whole batch, "
+               "not row by row (merge it into the base: loralab merge)")
+
+
 def unstackable(config: dict, spec: AdapterSpec) -> list[str]:
     """Why the pool's stacked LoRA slots cannot hold this adapter (empty: they can)."""
     return [why for bad, why in (
@@ -52,6 +57,7 @@ def unstackable(config: dict, spec: AdapterSpec) -> list[str]:
         (spec.bias != "none", f"bias={spec.bias!r} (trained biases)"),
         (bool(spec.modules_to_save), f"modules_to_save={spec.modules_to_save}"),
         (spec.trainable_token_indices is not None, "trainable_token_indices (trained token rows)"),
+        (spec.target_parameters is not None, WHOLE_BATCH),
         (bool(config.get("fan_in_fan_out")), "fan_in_fan_out (Conv1D layers)"),
         (bool(config.get("lora_bias")), "lora_bias"),
         (changes_base(config), BASE_CHANGING),
