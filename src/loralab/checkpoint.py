@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loralab import param_targets, peft_tokens
+from loralab import embedding_layers, param_targets, peft_tokens
 from loralab.layers import SavedModule
 from loralab.methods.base import METHODS, SavedTensors, check_shape
 from loralab.model import ATTENTION_OUT, adapted_layers, add_adapter, get_spec, methods_of, remove_adapter, wrappers
@@ -216,11 +216,21 @@ def _bias_tensors(model: nn.Module, mode: str, name: str) -> dict[str, torch.Ten
     return {}
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` as PEFT-compatible files into `out_dir`; returns the folder."""
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str = "default",
+                 embeddings: bool | str = "auto") -> Path:
+    """Write adapter `name` as PEFT-compatible files into `out_dir`; returns the folder.
+
+    `embeddings`: also write the input embedding's and the output head's whole weights (PEFT's
+    `save_embedding_layers`, loralab.embedding_layers); "auto" does where the model's vocabulary was
+    resized from its base's (new tokens), which the adapter then needs."""
+    if embeddings not in (True, False, "auto"):
+        raise ValueError(f"embeddings must be True, False or 'auto', got {embeddings!r}")
     out = Path(out_dir)
     config = adapter_config(model, name)
     tensors = adapter_tensors(model, name)
+    if embeddings is True or (embeddings == "auto" and embedding_layers.resized(model, _base_name(model))):
+        tensors.update({PREFIX + k: t.detach().to("cpu").contiguous().clone()
+                        for k, t in embedding_layers.embedding_tensors(model).items()})
     meta = {"format": "pt", "loralab_adapter": name}
     atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
     atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
@@ -362,6 +372,7 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], spec: A
             used.add(key)
             continue
         take(key, layer.rows[name].delta, "the trainable token rows")
+    used |= embedding_layers.take_embeddings(model, tensors)
     params = dict(model.named_parameters())
     biases = {k: v for k, v in tensors.items() if k not in used and k.endswith("bias") and spec.bias != "none"}
     for key, t in biases.items():
