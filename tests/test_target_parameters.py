@@ -287,3 +287,16 @@ def test_loralab_loads_what_peft_saves(tmp_path, make):
     assert not torch.allclose(want, base(ids).logits, atol=1e-3)
     ll.merge(ours)
     torch.testing.assert_close(ours(ids).logits, want)
+
+
+def test_per_parameter_ranks_and_scales_round_trip_through_peft(tmp_path):
+    base = mixtral()
+    ids = torch.randint(0, 64, (2, 7))
+    model = ll.add_adapter(copy.deepcopy(base), ll.AdapterSpec(
+        r=2, alpha=4, targets=[], target_parameters=EXPERTS, rank_pattern={"experts.down_proj": 3},
+        alpha_pattern={"layers.1.mlp.experts.gate_up_proj": 8}))
+    assert model.model.layers[0].mlp.experts.adapters["default"]["down_proj"].lora_A.shape == (3 * 4, 24)
+    randomise_b(model)
+    ll.save_adapter(model, tmp_path)
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(theirs(ids).logits, model(ids).logits)
