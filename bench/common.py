@@ -7,6 +7,7 @@ ratios to the anchor rather than ratios of totals.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -62,3 +63,20 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def add_run_args(ap: argparse.ArgumentParser, rounds: int = 15) -> None:
+    """The options every model benchmark takes: batch shape, rounds and CPU threads."""
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=rounds, help="one step per contender per round")
+    ap.add_argument("--threads", type=int, default=2)
+
+
+def randomise_lora_b(*models: torch.nn.Module, std: float = 0.01) -> None:
+    """Non-zero LoRA B factors, so that no path can shortcut a zero update."""
+    with torch.no_grad():
+        for model in models:
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=std)

@@ -15,7 +15,7 @@ import argparse
 import copy
 
 import torch
-from common import interleaved, markdown_table
+from common import add_run_args, interleaved, markdown_table, randomise_lora_b
 from peft import LoraConfig, get_peft_model
 from train_step import forward_fn, step_fn
 from transformers import MixtralConfig, MixtralForCausalLM
@@ -43,10 +43,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--intermediate", type=int, default=1024)
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=15, help="one step per contender per round")
-    ap.add_argument("--threads", type=int, default=2)
+    add_run_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = mixtral_shape(args)
@@ -54,11 +51,7 @@ def main() -> None:
     ours = ll.add_adapter(copy.deepcopy(base), ll.AdapterSpec(r=16, alpha=32, targets=[], target_parameters=EXPERTS))
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules=[],
                                                             target_parameters=EXPERTS))
-    for m in (ours, theirs):  # non-zero B so no path can shortcut a zero update
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(std=0.01)
+    randomise_lora_b(ours, theirs)
     rows = []
     for what, anchor, fn, floor in (("train step", "floor", step_fn, step_fn(base, ids, floor=True)),
                                     ("unmerged inference", "base", forward_fn, forward_fn(base, ids))):

@@ -14,7 +14,7 @@ import argparse
 import copy
 
 import torch
-from common import interleaved, markdown_table
+from common import add_run_args, interleaved, markdown_table
 from peft import LoraConfig, get_peft_model
 from train_step import smollm2_shape
 
@@ -38,10 +38,7 @@ def step(model: torch.nn.Module, ids: torch.Tensor):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4, help="transformer blocks (the rows' cost does not grow with them)")
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=15, help="one step per contender per round")
-    ap.add_argument("--threads", type=int, default=2)
+    add_run_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = smollm2_shape(args.layers)

@@ -18,7 +18,7 @@ import argparse
 import copy
 
 import torch
-from common import describe, interleaved, markdown_table, synchronizer
+from common import describe, interleaved, markdown_table, randomise_lora_b, synchronizer
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -44,11 +44,7 @@ def make_models(base: torch.nn.Module, dora: bool, r: int = 16) -> tuple[torch.n
     ll.add_adapter(ours, ll.AdapterSpec(method="dora" if dora else "lora", r=r, alpha=32, targets=TARGETS))
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=32, target_modules=TARGETS,
                                                             use_dora=dora))
-    for m in (ours, theirs):  # non-zero B so no path can shortcut a zero update
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(std=0.01)
+    randomise_lora_b(ours, theirs)
     return ours, theirs
 
 

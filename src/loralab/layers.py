@@ -60,6 +60,23 @@ class Wrapper(nn.Module):
     def held(self) -> nn.ModuleDict:
         raise NotImplementedError
 
+    def __getattr__(self, name: str):
+        """What the wrapped `base_layer` has, for code that reads a layer's attributes (in_features,
+        num_experts, an attention's batch_first, …)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__["_modules"].get("base_layer") if "_modules" in self.__dict__ else None
+            if base is None or name.startswith("__"):
+                raise
+            return self._base_attribute(base, name)
+
+    def _base_attribute(self, base: nn.Module, name: str):
+        return getattr(base, name)
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.held)}, active={self.active}, merged={self.merged}"
+
     def remove(self, name: str) -> None:
         if name in self.merged:
             raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before removing it")
@@ -104,18 +121,11 @@ class AdaptedLayer(Wrapper):
         """The base layer: merged adapters are in its weights."""
         return self.base_layer
 
-    def __getattr__(self, name: str):
-        """What the base layer has, for code that reads a layer's attributes (in_features, an attention's
-        batch_first); an attention's packed input projection as it computes with it (see `weight`)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__["_modules"].get("base_layer") if "_modules" in self.__dict__ else None
-            if base is None or name.startswith("__"):
-                raise
-            if self.kind.name == "mha" and name in ("in_proj_weight", "in_proj_bias"):
-                return self.weight if name == "in_proj_weight" else self.bias
-            return getattr(base, name)
+    def _base_attribute(self, base: nn.Module, name: str):
+        """An attention's packed input projection as it computes with it (see `weight`)."""
+        if self.kind.name == "mha" and name in ("in_proj_weight", "in_proj_bias"):
+            return self.weight if name == "in_proj_weight" else self.bias
+        return getattr(base, name)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -260,10 +270,6 @@ class AdaptedLayer(Wrapper):
                 delta = self.adapters[name].delta_weight()
                 weight.sub_(self.kind.to_weight(delta.to(weight.dtype)))
         self._refresh()
-
-    def extra_repr(self) -> str:
-        return f"adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"
-
 
 class SavedModule(Wrapper):
     """A module trained in full per adapter: the original stays, each adapter has a copy."""

@@ -89,19 +89,9 @@ class ParamAdapters(Wrapper):
         return self.base_layer
 
     def plain(self, active: list[str]) -> nn.Module:
-        """The module itself: merged updates are in its parameters."""
+        """The module itself: merged updates are in its parameters. (Its attributes read through the wrapper,
+        its parameters as they are, without the updates, as in PEFT.)"""
         return self.base_layer
-
-    def __getattr__(self, name: str):
-        """What the module has, for code that reads its attributes (num_experts, …): its parameters as
-        they are, without the updates (as in PEFT)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__["_modules"].get("base_layer") if "_modules" in self.__dict__ else None
-            if base is None or name.startswith("__"):
-                raise
-            return getattr(base, name)
 
     def add(self, name: str, updates: dict[str, ParamLoRA]) -> None:
         self.adapters[name] = nn.ModuleDict(updates)
@@ -151,9 +141,6 @@ class ParamAdapters(Wrapper):
                 else:
                     weight.sub_(update.delta().to(weight.dtype))
         self._refresh()
-
-    def extra_repr(self) -> str:
-        return f"adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"
 
 
 def plan_param_targets(model: nn.Module, keys: list[str], taken: Collection[str]) -> dict[str, list[str]]:

@@ -184,7 +184,7 @@ class TokenRows(Wrapper):
         self._refresh()
 
     def extra_repr(self) -> str:
-        return f"adapters={list(self.rows)}, active={self.active}, merged={self.merged}, tied={self.tied}"
+        return f"{super().extra_repr()}, tied={self.tied}"
 
 
 def _overlap_error(names: Sequence[str], both: list[int]) -> ValueError:
