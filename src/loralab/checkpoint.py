@@ -129,7 +129,7 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
         "alpha_pattern": alpha_pattern,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "lora_bias": False,
+        "lora_bias": bool(spec.options.get("lora_bias")),
         "revision": None,
         "trainable_token_indices": spec.trainable_token_indices,
         "target_parameters": spec.target_parameters,
@@ -290,6 +290,9 @@ def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
         return AdapterSpec(**{**shared, **formats[peft_type].spec_from_peft(config)})
     extra = config.get("loralab") or {}
     method = extra.get("method") or _lora_variant(config)
+    options = dict(extra.get("options") or {})
+    if config.get("lora_bias"):
+        options["lora_bias"] = True
     init = init_from_peft(config)
     return AdapterSpec(
         method=method,
@@ -298,7 +301,7 @@ def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
         alpha=float(config.get("lora_alpha", config["r"])),
         dropout=float(config.get("lora_dropout") or 0.0),
         rslora=bool(config.get("use_rslora")),
-        options=dict(extra.get("options") or {}),
+        options=options,
         **read_patterns(config),
         **shared,
     )

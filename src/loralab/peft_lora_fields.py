@@ -25,7 +25,6 @@ import warnings
 from typing import Any
 
 UNSUPPORTED = {  # field → what it does; each is refused where set (not false, None or empty)
-    "lora_bias": "a trained bias on lora_B",
     "alora_invocation_tokens": "activated LoRA (the adapter acts only from its invocation tokens on)",
     "layer_replication": "replicated base layers",
     "megatron_config": "Megatron's parallel linear layers",
@@ -72,9 +71,13 @@ def changes_base(config: dict[str, Any]) -> bool:
     return _peft_init(config) in RE_FORMED
 
 
+LORA_ONLY = {"lora_bias": "a trained bias on lora_B"}  # implemented for LoRA (its option), not other formats
+
+
 def check_supported(config: dict[str, Any]) -> None:
     """Refuse a PEFT LoRA (or AdaLoRA) config that uses a feature loralab does not implement, naming it."""
-    used = [f"{field} ({what})" for field, what in UNSUPPORTED.items() if config.get(field)]
+    lacking = {**UNSUPPORTED, **(LORA_ONLY if config.get("peft_type") not in ("LORA", "LORALAB") else {})}
+    used = [f"{field} ({what})" for field, what in lacking.items() if config.get(field)]
     if used:
         raise ValueError(f"this PEFT LoRA adapter uses {'; '.join(used)}, which loralab does not implement; "
                          "loading it as a plain LoRA would compute something else")

@@ -64,7 +64,8 @@ class AdapterSpec:
     target_parameters: nn.Parameters that LoRA updates directly, by their names' endings as PEFT matches
              them (["experts.gate_up_proj", "experts.down_proj"]): 2-D weights, or a mixture-of-experts block's
              3-D stacks of them, one update per expert (loralab.param_targets). LoRA (or rsLoRA) only,
-             without dropout, as in PEFT; with targets=[] the adapter is those updates alone.
+             without dropout, as in PEFT; with targets=[] the adapter is those updates alone. They start as
+             PEFT's do (A Kaiming-uniform, B = 0): init, layers and exclude apply to targets only.
     rank_pattern, alpha_pattern: per-layer r and alpha, as PEFT's: {"q_proj": 4, "layers.0.mlp.up_proj": 32}
              (a key matches a module whose name ends with it, the first matching key wins); a layer
              none matches takes r and alpha. Not for methods whose layers share parameters sized by r.

@@ -212,11 +212,12 @@ def _check_extras(spec: AdapterSpec, label: str) -> None:
     extras = [what for used, what in ((spec.modules_to_save, f"modules_to_save {spec.modules_to_save}"),
                                       (spec.bias != "none", f"bias={spec.bias!r}"),
                                       (spec.trainable_token_indices, "trainable token rows"),
-                                      (spec.target_parameters, "LoRA on parameters (target_parameters)")) if used]
+                                      (spec.target_parameters, "LoRA on parameters (target_parameters)"),
+                                      (spec.options.get("lora_bias"), "a bias on the update (lora_bias)")) if used]
     if extras:
         raise ValueError(f"adapter {label} also trains {extras[0]}; combine merges only the low-rank factors of "
-                         "layers, so it takes adapters without modules_to_save, token rows or target_parameters, "
-                         "and with bias='none'")
+                         "layers, so it takes adapters without modules_to_save, token rows, target_parameters or "
+                         "lora_bias, and with bias='none'")
 
 
 def _model_factors(model: nn.Module, name: str, label: str) -> dict[str, Pair]:

@@ -39,6 +39,8 @@ class DoRA(LoRA):
     layer_kinds = ("linear", "hf-conv1d", "conv")
 
     def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
+        if spec.options.get("lora_bias"):
+            raise ValueError("option lora_bias does not work with DoRA (as in PEFT)")
         super().__init__(layer, spec, shared)
         with torch.no_grad():
             self.magnitude = torch.nn.Parameter(self._weight_sq_norms().sqrt().to(layer.weight.dtype, copy=True))

@@ -1,7 +1,9 @@
 """LoRA: ΔW = (alpha / r) · B A with A ∈ R^{r×in}, B ∈ R^{out×r} (Hu et al., arXiv 2106.09685).
 
 rsLoRA (Kalajdzievski, arXiv 2312.03732) is the same method with scale alpha / sqrt(r)
-(`AdapterSpec(rslora=True)`). The unmerged path never forms ΔW. On a linear layer where it
+(`AdapterSpec(rslora=True)`). Option `lora_bias` (PEFT's): the update has a trained bias too,
+s·(BAx + b), which merging adds to the layer's bias (a layer without one cannot merge it).
+The unmerged path never forms ΔW. On a linear layer where it
 is the only active adapter, the base matmul and the update run as one autograd step
 (`loralab.fused_lora`: the update added in place, one input gradient); otherwise it is two
 thin matmuls with the scale and the add fused into one `addmm`. Convolutions apply A as a
@@ -33,6 +35,7 @@ class LoRA(AdapterMethod):
     param_formula = "r·(in + out)"
     peft_type = "LORA"
     layer_kinds = (*AdapterMethod.layer_kinds, "mha")
+    option_defaults = {"lora_bias": False}
 
     # Overriding any of these changes what the layer computes, so a subclass that does loses the fused path.
     _FORWARD = ("drop", "delta", "low_rank_out", "forward", "add_to", "apply_alone")
@@ -47,9 +50,16 @@ class LoRA(AdapterMethod):
         self.lora_A = nn.Parameter(torch.empty(spec.r, layer.in_features, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(layer.out_features, spec.r, dtype=w.dtype, device=w.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_bias: nn.Parameter | None = None
+        if self.options["lora_bias"]:
+            if layer.name in ("embedding", "mha"):
+                raise ValueError(f"option lora_bias (a trained bias on the update) does not apply to {layer.name} "
+                                 "layers, as in PEFT")
+            self.lora_bias = nn.Parameter(torch.zeros(layer.out_features, dtype=w.dtype, device=w.device))
 
     def expected_trainable_params(self) -> int:
-        return self.r * (self.layer.in_features + self.layer.out_features)
+        bias = 0 if self.lora_bias is None else self.layer.out_features
+        return self.r * (self.layer.in_features + self.layer.out_features) + bias
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, scale) as the forward uses them; variants (DyLoRA, SoRA) truncate or gate here."""
@@ -67,8 +77,11 @@ class LoRA(AdapterMethod):
             return self.layer.lookup(x, a.T) @ b.T * s
         if kind == "conv":
             h = self.layer.conv_kernel(x, a.reshape(a.shape[0], *self.layer.weight.shape[1:]))
-            return self.layer.conv(h, b.reshape(*b.shape, *([1] * (h.dim() - 2)))) * s
-        return F.linear(F.linear(x, a), b) * s
+            out = self.layer.conv(h, b.reshape(*b.shape, *([1] * (h.dim() - 2))))
+            if self.lora_bias is not None:
+                out = out + self.lora_bias.view(-1, *([1] * (out.dim() - 2)))
+            return out * s
+        return F.linear(F.linear(x, a), b, self.lora_bias) * s
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         # embeddings take indices: no dropout on them
@@ -80,6 +93,8 @@ class LoRA(AdapterMethod):
         a, b, s = self.factors()
         h = F.linear(self.drop(x), a)
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, a.shape[0]), b.T, alpha=s)
+        if self.lora_bias is not None:
+            flat.add_(self.lora_bias, alpha=s)
         return flat.view(out.shape)
 
     def fused_base(self, x: torch.Tensor, a: torch.Tensor,
@@ -97,8 +112,17 @@ class LoRA(AdapterMethod):
             return layer.matrix(w), bias
         return None
 
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.lora_bias is not None and self.layer.bias is None:
+            raise RuntimeError("an adapter with lora_bias cannot be merged into a layer without a bias, nor read as "
+                               "one weight (as in PEFT): its bias has nowhere to go")
+        return super().merged_weight(weight)
+
+    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor | None:
+        return None if self.lora_bias is None else bias + self.scale * self.lora_bias.to(bias.dtype)
+
     def fused_terms(self, x: torch.Tensor) -> LowRankTerms | None:
-        if not self._fusable:
+        if not self._fusable or self.lora_bias is not None:
             return None
         a, b, s = self.factors()
         base = self.fused_base(x, a, b)
@@ -116,7 +140,10 @@ class LoRA(AdapterMethod):
 
     # PEFT names: lora_A.weight / lora_B.weight (conv: kernel shapes), lora_embedding_A / _B.
     def to_saved(self) -> dict[str, torch.Tensor]:
-        return self.factor_tensors(self.lora_A.detach(), self.lora_B.detach())
+        saved = self.factor_tensors(self.lora_A.detach(), self.lora_B.detach())
+        if self.lora_bias is not None:
+            saved["lora_B.bias"] = self.lora_bias.detach()
+        return saved
 
     def factor_tensors(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
         """Canonical factors A [r, in], B [out, r] under PEFT's key names and shapes for this layer."""
