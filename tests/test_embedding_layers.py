@@ -5,7 +5,7 @@ the same logits, and "auto" writes them exactly when the vocabulary differs from
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import loralab as ll
@@ -90,3 +90,15 @@ def test_a_base_not_resized_gets_the_resize_to_run(base_folder, tmp_path):
     peft_adapter(base_folder, tmp_path, "lora")
     with pytest.raises(ValueError, match=r"embed_tokens\.weight has shape \(66, 16\).*resize_token_embeddings\(66\)"):
         ll.load_adapter(resized_base(base_folder, seed=2, rows=VOCAB), tmp_path)
+
+
+def test_a_load_that_fails_leaves_the_base_embeddings_as_they_were(base_folder, tmp_path):
+    peft_adapter(base_folder, tmp_path, "lora")
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.model.no_such_module.weight"] = torch.zeros(2)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    model = resized_base(base_folder, seed=2)
+    before = model.get_input_embeddings().weight.detach().clone()
+    with pytest.raises(ValueError, match="no place for"):
+        ll.load_adapter(model, tmp_path)
+    torch.testing.assert_close(model.get_input_embeddings().weight, before)

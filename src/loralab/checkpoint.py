@@ -375,7 +375,8 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], spec: A
             used.add(key)
             continue
         take(key, layer.rows[name].delta, "the trainable token rows")
-    used |= embedding_layers.take_embeddings(model, tensors)
+    embeddings = embedding_layers.planned_copies(model, tensors)
+    used.update(key for key, _ in embeddings)
     params = dict(model.named_parameters())
     biases = {k: v for k, v in tensors.items() if k not in used and k.endswith("bias") and spec.bias != "none"}
     for key, t in biases.items():
@@ -389,4 +390,6 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], spec: A
     with torch.no_grad():
         for key, t in biases.items():
             params[key].copy_(t)
+        for key, weight in embeddings:  # the base's own weights: only once nothing else can fail
+            weight.copy_(tensors[key])
 

@@ -72,10 +72,11 @@ def embedding_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {saved_key(path, m): base_weight(m) for path, m in embedding_layers(model).items()}
 
 
-def take_embeddings(model: nn.Module, tensors: dict[str, torch.Tensor]) -> set[str]:
-    """Copy the whole embedding weights a file holds into the model's (see the module docstring); the keys
-    used. A shape that does not fit names the tensor and, for another vocabulary, the resize to run."""
-    used: set[str] = set()
+def planned_copies(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """(key, the model's weight it goes into) for each whole embedding weight a file holds (see the module
+    docstring), every shape checked first: one that does not fit names the tensor and, for another
+    vocabulary, the resize to run. The caller copies them once nothing else can fail."""
+    planned = []
     for path, module in embedding_layers(model).items():
         weight = base_weight(module)
         for key in (path + form for form in KEY_FORMS):
@@ -88,7 +89,5 @@ def take_embeddings(model: nn.Module, tensors: dict[str, torch.Tensor]) -> set[s
                           if saved.shape[1:] == weight.shape[1:] else "")
                 raise ValueError(f"{key} has shape {tuple(saved.shape)} but the model's is {tuple(weight.shape)}"
                                  + resize)
-            with torch.no_grad():
-                weight.copy_(saved)
-            used.add(key)
-    return used
+            planned.append((key, weight))
+    return planned
