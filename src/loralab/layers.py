@@ -60,6 +60,15 @@ class Wrapper(nn.Module):
     def held(self) -> nn.ModuleDict:
         raise NotImplementedError
 
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.base_layer
+
+    def plain(self, active: list[str]) -> nn.Module:
+        """What stays once the adapters are merged and the wrapper is unloaded: the wrapped module, whose weights
+        hold what was merged."""
+        return self.base_layer
+
     def __getattr__(self, name: str):
         """What the wrapped `base_layer` has, for code that reads a layer's attributes (in_features,
         num_experts, an attention's batch_first, …)."""
@@ -112,14 +121,6 @@ class AdaptedLayer(Wrapper):
     @property
     def held(self) -> nn.ModuleDict:
         return self.adapters
-
-    @property
-    def unwrapped(self) -> nn.Module:
-        return self.base_layer
-
-    def plain(self, active: list[str]) -> nn.Module:
-        """The base layer: merged adapters are in its weights."""
-        return self.base_layer
 
     def _base_attribute(self, base: nn.Module, name: str):
         """An attention's packed input projection as it computes with it (see `weight`)."""

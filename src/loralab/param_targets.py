@@ -71,7 +71,8 @@ class ParamLoRA(nn.Module):
 
 
 class ParamAdapters(Wrapper):
-    """A module some of whose own parameters carry a LoRA update per adapter (see the module docstring)."""
+    """A module some of whose own parameters carry a LoRA update per adapter (see the module docstring). Its
+    attributes read through the wrapper, its parameters as they are, without the updates (as in PEFT)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -83,15 +84,6 @@ class ParamAdapters(Wrapper):
     @property
     def held(self) -> nn.ModuleDict:
         return self.adapters
-
-    @property
-    def unwrapped(self) -> nn.Module:
-        return self.base_layer
-
-    def plain(self, active: list[str]) -> nn.Module:
-        """The module itself: merged updates are in its parameters. (Its attributes read through the wrapper,
-        its parameters as they are, without the updates, as in PEFT.)"""
-        return self.base_layer
 
     def add(self, name: str, updates: dict[str, ParamLoRA]) -> None:
         self.adapters[name] = nn.ModuleDict(updates)

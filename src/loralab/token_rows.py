@@ -100,14 +100,6 @@ class TokenRows(Wrapper):
     def held(self) -> nn.ModuleDict:
         return self.rows
 
-    @property
-    def unwrapped(self) -> nn.Module:
-        return self.base_layer
-
-    def plain(self, active: list[str]) -> nn.Module:
-        """The base layer: merged rows are in its weight."""
-        return self.base_layer
-
     def add(self, name: str, indices: Sequence[int] | TokenRowSet) -> TokenRowSet:
         """Give adapter `name` rows at `indices`, started from the base's (or the tied owner's row set)."""
         rows = indices if isinstance(indices, TokenRowSet) else TokenRowSet(
