@@ -154,7 +154,7 @@ def add_adapter(
         current.add(name, method)
         method.attach(current)
     attach_token_rows(model, name, token_plan)
-    attach_param_targets(model, name, param_plan, lambda key: (spec.for_layer(key).r, spec.for_layer(key).scale))
+    attach_param_targets(model, name, param_plan, spec.for_layer)
     state.specs[name] = spec
     link_siblings(model)
     init(model, new, InitContext(calibration, calibration_batches, loss_fn, spec.init_options))

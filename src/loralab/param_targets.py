@@ -25,6 +25,7 @@ from torch import nn
 
 from loralab.layers import Wrapper
 from loralab.registry import close_matches
+from loralab.spec import AdapterSpec
 from loralab.targets import candidate_modules, set_module, suffix_match
 
 
@@ -178,9 +179,9 @@ def plan_param_targets(model: nn.Module, keys: list[str], taken: Collection[str]
 
 
 def attach_param_targets(model: nn.Module, name: str, plan: dict[str, list[str]],
-                         r_scale: Callable[[str], tuple[int, float]]) -> None:
-    """Give adapter `name` an update of each planned parameter, wrapping each module once; `r_scale(key)`
-    gives a parameter's rank and scale from its full name."""
+                         spec_for: Callable[[str], AdapterSpec]) -> None:
+    """Give adapter `name` an update of each planned parameter, wrapping each module once; `spec_for(key)`
+    gives a parameter's spec (its rank and scale, rank_pattern and alpha_pattern applied) from its full name."""
     for path, pnames in plan.items():
         current = model.get_submodule(path)
         if not isinstance(current, ParamAdapters):
@@ -188,8 +189,9 @@ def attach_param_targets(model: nn.Module, name: str, plan: dict[str, list[str]]
             set_module(model, path, current)
         base = current.base_layer
         transposed = bool(getattr(base, "is_transposed", False))
-        current.add(name, {p: ParamLoRA(getattr(base, p), *r_scale(f"{path}.{p}"), transposed=transposed)
-                           for p in pnames})
+        specs = {p: spec_for(f"{path}.{p}") for p in pnames}
+        current.add(name, {p: ParamLoRA(getattr(base, p), s.r, s.scale, transposed=transposed)
+                           for p, s in specs.items()})
 
 
 def peft_tensors(path: str, module: ParamAdapters, name: str) -> dict[str, torch.Tensor]:
