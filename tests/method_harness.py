@@ -17,8 +17,25 @@ import loralab as ll
 from loralab.model import methods_of
 
 KINDS = ("linear", "hf-conv1d", "conv", "embedding")
+EMBED_SCALE = 2.5
 # reference(method, W) -> the method's ΔW in canonical [out, in] form, computed in the test
 Reference = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class ScaledEmbedding(nn.Embedding):
+    """A lookup times a fixed factor, as transformers' scaled word embeddings (BART's, Gemma 3's) compute it."""
+
+    def __init__(self, num: int, dim: int) -> None:
+        super().__init__(num, dim)
+        self.embed_scale = EMBED_SCALE
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.embed_scale
+
+
+def with_scaled(kinds) -> tuple[str, ...]:
+    """The kinds, and a scaled embedding too where they hold the embedding."""
+    return (*kinds, "scaled-embedding") if "embedding" in kinds else tuple(kinds)
 
 
 class Net(nn.Module):
@@ -37,6 +54,8 @@ class Net(nn.Module):
             self.layer = nn.Conv2d(3, 10, 3, padding=1)
         elif kind == "embedding":
             self.layer = nn.Embedding(20, 10)
+        elif kind == "scaled-embedding":
+            self.layer = ScaledEmbedding(20, 10)
         else:
             raise ValueError(kind)
 
@@ -47,7 +66,7 @@ class Net(nn.Module):
         g = torch.Generator().manual_seed(seed)
         if self.kind == "conv":
             return torch.randn(n, 3, 6, 6, generator=g)
-        if self.kind == "embedding":
+        if self.kind.endswith("embedding"):
             return torch.randint(0, 20, (n, 5), generator=g)
         return torch.randn(n, 5, 12, generator=g)
 
@@ -55,7 +74,7 @@ class Net(nn.Module):
 def base_matrix(net: Net) -> torch.Tensor:
     """W in canonical [out, in] form, from the plain layer (written here, not via loralab)."""
     w = net.layer.base_layer.weight if hasattr(net.layer, "base_layer") else net.layer.weight
-    if net.kind in ("hf-conv1d", "embedding"):
+    if net.kind in ("hf-conv1d", "embedding", "scaled-embedding"):
         return w.detach().T.clone()
     return w.detach().reshape(w.shape[0], -1).clone()
 
@@ -65,6 +84,8 @@ def dense_forward(net: Net, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tens
     base = net.layer.base_layer if hasattr(net.layer, "base_layer") else net.layer
     if net.kind == "embedding":
         return matrix.T[x]
+    if net.kind == "scaled-embedding":
+        return matrix.T[x] * EMBED_SCALE
     if net.kind == "conv":
         return nn.functional.conv2d(x, matrix.reshape(base.weight.shape), base.bias, padding=1)
     return x @ matrix.T + base.bias
@@ -84,7 +105,7 @@ def attached(spec: ll.AdapterSpec, kind: str, seed: int = 0, randomize: bool = T
 
 
 def check_forward(spec: ll.AdapterSpec, reference: Reference, kinds=KINDS, atol: float = 1e-4) -> None:
-    for kind in kinds:
+    for kind in with_scaled(kinds):
         net, method = attached(spec, kind)
         x = net.sample()
         w = base_matrix(net)
@@ -96,7 +117,7 @@ def check_forward(spec: ll.AdapterSpec, reference: Reference, kinds=KINDS, atol:
 
 
 def check_merge_roundtrip(spec: ll.AdapterSpec, kinds=KINDS, atol: float = 1e-4) -> None:
-    for kind in kinds:
+    for kind in with_scaled(kinds):
         net, _ = attached(spec, kind)
         x = net.sample()
         w0 = base_matrix(net)

@@ -1,5 +1,6 @@
 """DoRA (arXiv 2402.09353) against W' = m · (W + sBA) / ‖W + sBA‖_row written here."""
 
+import pytest
 import torch
 from method_harness import (
     Net,
@@ -8,14 +9,20 @@ from method_harness import (
     check_forward,
     check_merge_roundtrip,
     check_param_count,
+    check_peft_reads,
+    check_reads_peft,
     check_save_load,
     check_training_lowers_loss,
     dense_forward,
+    randomise_trainables,
 )
+from peft import LoraConfig
+from torch import nn
+from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
 
 import loralab as ll
 
-KINDS = ("linear", "hf-conv1d", "conv")
+KINDS = ("linear", "hf-conv1d", "conv", "embedding")  # (a scaled embedding too: method_harness)
 SPEC = dict(method="dora", r=3, alpha=6, targets=["layer"])
 
 
@@ -56,11 +63,38 @@ def test_fast_row_norms_equal_dense_norms():
     torch.testing.assert_close(method.row_norms(), dense.detach(), atol=1e-5, rtol=1e-5)
 
 
-def test_embedding_is_refused_with_reason():
-    import pytest
+class TinyLM(nn.Module):
+    """An embedding (plain, or scaled as Gemma 3's) and a head: DoRA on the embedding, checked against PEFT."""
 
-    with pytest.raises(ValueError, match="does not support Embedding"):
-        attached(ll.AdapterSpec(**SPEC), "embedding")
+    def __init__(self, scaled: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = Gemma3TextScaledWordEmbedding(30, 8, 0, embed_scale=3.0) if scaled else nn.Embedding(30, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+IDS = torch.randint(0, 30, (3, 6), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_embedding_magnitude_is_per_dimension_as_in_peft(tmp_path, scaled):
+    net = ll.add_adapter(TinyLM(scaled), ll.AdapterSpec(method="dora", r=2, alpha=4, targets=["embed", "head"]))
+    method = net.embed.adapters["default"]
+    torch.testing.assert_close(method.magnitude.detach(), net.embed.base_layer.weight.norm(dim=0))  # [dim]
+    randomise_trainables(net)
+    check_peft_reads(tmp_path / "ours", net, lambda: TinyLM(scaled), IDS)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["embed", "head"], use_dora=True)
+    check_reads_peft(tmp_path / "theirs", config, lambda: TinyLM(scaled), IDS)
+
+
+def test_no_dropout_on_embedding_indices():
+    net, method = attached(ll.AdapterSpec(**{**SPEC, "dropout": 0.5}), "embedding")
+    net.train()
+    x = net.sample()
+    torch.testing.assert_close(net(x), _expected(net, method, x), atol=1e-5, rtol=1e-5)
 
 
 def test_residual_inits_keep_the_base_output():

@@ -136,17 +136,41 @@ class ConvKind(LayerKind):
         return out + bias.view(-1, *([1] * (out.dim() - 2)))
 
 
+def embed_scale(module: nn.Module) -> torch.Tensor | float | None:
+    """The factor an embedding subclass multiplies its looked-up rows by, as transformers' scaled word
+    embeddings do (Gemma 3, BART, Marian, M2M100, …: an `embed_scale` number or one-element tensor), else None.
+    PEFT applies the same factor to its LoRA rows. Any other `embed_scale` is refused: how the layer uses
+    it cannot be known."""
+    scale = getattr(module, "embed_scale", None)
+    if scale is None or isinstance(scale, int | float):
+        return scale
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale
+    shape = tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__
+    raise ValueError(f"adapters on {type(module).__name__} need its embed_scale to be one number (it scales every "
+                     f"looked-up row); got {shape}")
+
+
 class EmbeddingKind(TransposedKind):
-    """nn.Embedding: the table is [num, dim]; canonically W = table.T, [dim, num], so out = dim."""
+    """nn.Embedding: the table is [num, dim]; canonically W = table.T, [dim, num], so out = dim. A scaled
+    embedding (see `embed_scale`) scales every lookup, so an update's rows are scaled as the base's are."""
 
     name = "embedding"
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        embed_scale(base)  # refused here, when adapted, if it is not one number
 
     def apply(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         return self.lookup(x, matrix.T)
 
     def lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         b = self.base
-        return F.embedding(x, table, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
+        rows = F.embedding(x, table, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
+        scale = embed_scale(b)
+        if scale is None:
+            return rows
+        return rows * (scale.to(rows.dtype) if isinstance(scale, torch.Tensor) else scale)
 
 
 class AttentionKind(LayerKind):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loralab.layer_kinds import embed_scale
 from loralab.layers import Wrapper
 from loralab.registry import close_matches
 from loralab.targets import candidate_modules, set_module, suffix_match
@@ -47,7 +48,7 @@ class TokenRowSet(nn.Module):
         slot = self.slots[ids]
         hit = slot >= 0
         rows = F.embedding(slot.clamp(min=0), self.delta, padding_idx=self.padding_slot)
-        scale = getattr(layer, "embed_scale", None)  # embeddings that scale their output (Gemma's)
+        scale = embed_scale(layer)
         if scale is not None:
             rows = rows * scale
         return torch.where(hit.unsqueeze(-1), rows.to(out.dtype), out)

@@ -1,7 +1,8 @@
 """DoRA: weight-decomposed LoRA, W' = m · (W + sBA) / ‖W + sBA‖_row (Liu et al., arXiv 2402.09353).
 
 The magnitude m (one value per output row, initialised to ‖W‖_row) is trained alongside
-LoRA's A and B. As in the paper (§4.3) the norm is treated as a constant in the backward
+LoRA's A and B (on an embedding, as in PEFT, one per embedding dimension, the norm taken over the
+vocabulary: the table's columns). As in the paper (§4.3) the norm is treated as a constant in the backward
 pass. It is computed without forming the out×in matrix W + sBA: with ‖W‖² cached per row
 (W is frozen),
     ‖W + sBA‖² = ‖W‖² + 2s·rowsum((WAᵀ) ⊙ B) + s²·rowsum((B(AAᵀ)) ⊙ B).
@@ -36,7 +37,7 @@ class DoRA(LoRA):
     peft_lora_field = "use_dora"
     additive = False
     needs_base = True
-    layer_kinds = ("linear", "hf-conv1d", "conv")
+    layer_kinds = ("linear", "hf-conv1d", "conv", "embedding")
 
     def __init__(self, layer: LayerKind, spec: AdapterSpec, shared: nn.Module | None = None) -> None:
         if spec.options.get("lora_bias"):
@@ -78,7 +79,7 @@ class DoRA(LoRA):
 
     def forward(self, x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
         x = self.drop(x)
-        if self.dropout is not None and self.training:
+        if self.dropout is not None and self.training and x.is_floating_point():
             base = self.layer.apply(x, self.layer.matrix())  # Wx on the same dropped input as BAx
         g = self._per_row(self.gain(), base)
         return (g - 1) * base + g * self.low_rank_out(x)
@@ -87,7 +88,7 @@ class DoRA(LoRA):
 
     def apply_alone(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """g ⊙ (Wx + b + sBAx) + (1 − g) ⊙ b in two fused kernels (addmm, addcmul) for linear layers."""
-        if self.layer.name == "conv" or (self.dropout is not None and self.training):
+        if self.layer.name in ("conv", "embedding") or (self.dropout is not None and self.training):
             return super().apply_alone(x, out)
         g = self.gain()
         h = F.linear(x, self.lora_A)
