@@ -292,3 +292,22 @@ def test_train_lora_on_parameters_alone(tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "adapter")]) == 0
     assert "parameters ['attention.self.query.weight']" in capsys.readouterr().out
+
+
+def test_train_on_replicated_blocks(tmp_path, capsys):
+    """--layer-replication: MiniLM's 6 blocks rebuilt as 0…5, 4, 5, each copy with its own adapter (PEFT's
+    layer_replication), saved with the field and the copies' keys."""
+    code = main(["train", "--base", "minilm-l6", "--task", "sst2", "--max-train", "16", "--max-test", "16",
+                 "--steps", "2", "--batch-size", "8", "--r", "2", "--targets", "query", "--layer-replication",
+                 "0:6,4:6", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    config = ll.read_config(tmp_path / "adapter")
+    assert config["layer_replication"] == [[0, 6], [4, 6]]
+    keys = {k for k in ll.read_tensors(tmp_path / "adapter") if k.endswith("lora_A.weight")}
+    assert keys == {f"bert.encoder.layer.{i}.attention.self.query.lora_A.weight" for i in range(8)}
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "adapter")]) == 0
+    assert "replicated from ranges [[0, 6], [4, 6]]" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--base", "minilm-l6", "--task", "sst2", "--layer-replication", "4:2", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "'4:2' is not a block range" in capsys.readouterr().err

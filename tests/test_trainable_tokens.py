@@ -248,7 +248,7 @@ def test_combine_refuses_token_rows_and_squeeze_keeps_them(tmp_path):
     model = llama()
     for name in ("a", "b"):
         ll.add_adapter(model, ll.AdapterSpec(r=2, targets=["q_proj"], trainable_token_indices=TOKENS), name)
-    with pytest.raises(ValueError, match="also trains trainable token rows"):
+    with pytest.raises(ValueError, match="also has trainable token rows"):
         combine(model, ["a", "b"])
     ll.set_active(model, "a")
     set_rows(model, new_rows(), "a")

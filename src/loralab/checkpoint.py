@@ -133,14 +133,15 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
         "revision": None,
         "trainable_token_indices": spec.trainable_token_indices,
         "target_parameters": spec.target_parameters,
+        "layer_replication": spec.layer_replication,
         **(variant or {}),
     }
     if method.peft_type not in (None, "LORA"):  # PEFT's own format for the method (BOFT): its fields, not LoRA's
         fields = method.peft_config(spec, adapted)
         if (rank_pattern or alpha_pattern) and fields is not None and "rank_pattern" not in fields:
             fields = None  # layers with ranks or scales of their own, which that format has no place for
-        if spec.trainable_token_indices is not None:
-            fields = None  # only PEFT's LoRA config has trainable token rows
+        if spec.trainable_token_indices is not None or spec.layer_replication is not None:
+            fields = None  # only PEFT's LoRA config has trainable token rows and replicated layers
         if fields is not None:  # None: settings that format cannot hold, saved in loralab's layout
             shared = {k: config[k] for k in PEFT_SHARED_FIELDS
                       if not (k in method.peft_lacks and k in UNUSED and config[k] == UNUSED[k])}
@@ -285,7 +286,8 @@ def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
                   modules_to_save=list(config.get("modules_to_save") or []), layers=layers,
                   layers_pattern=(config.get("layers_pattern") or None) if layers is not None else None,
                   trainable_token_indices=config.get("trainable_token_indices"),
-                  target_parameters=config.get("target_parameters") or None)
+                  target_parameters=config.get("target_parameters") or None,
+                  layer_replication=config.get("layer_replication") or None)
     if peft_type in formats:
         return AdapterSpec(**{**shared, **formats[peft_type].spec_from_peft(config)})
     extra = config.get("loralab") or {}

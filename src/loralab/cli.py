@@ -50,6 +50,10 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-parameters", metavar="experts.gate_up_proj,experts.down_proj",
                    help="parameters LoRA updates directly, by their names' endings (PEFT's target_parameters): 2-D "
                         "weights, or a mixture-of-experts block's 3-D expert stacks (one update per expert)")
+    g.add_argument("--layer-replication", type=_block_ranges, metavar="0:4,2:5",
+                   help="rebuild the model's blocks from ranges START:END (END excluded) of them, copies sharing "
+                        "their weights, each with its own adapters (PEFT's layer_replication): 0:4,2:5 gives blocks "
+                        "0 1 2 3 2 3 4")
     g.add_argument("--calibration-batches", type=int, default=8,
                    help="training batches that data-driven inits (lora-ga, eva, corda) look at")
 
@@ -65,6 +69,19 @@ def _int_ranges(text: str) -> list[int]:
     if not indices:
         raise argparse.ArgumentTypeError("give numbers or ranges, e.g. 0,2,20-29")
     return indices
+
+
+def _block_ranges(text: str) -> list[list[int]]:
+    """"0:4,2:5" → [[0, 4], [2, 5]] (block ranges [start, end))."""
+    ranges = []
+    for part in filter(None, (t.strip() for t in text.split(","))):
+        match = re.fullmatch(r"(\d+):(\d+)", part)
+        if match is None or int(match[1]) >= int(match[2]):
+            raise argparse.ArgumentTypeError(f"{part!r} is not a block range START:END with START < END, e.g. 2:5")
+        ranges.append([int(match[1]), int(match[2])])
+    if not ranges:
+        raise argparse.ArgumentTypeError("give block ranges START:END, e.g. 0:4,2:5")
+    return ranges
 
 
 def _token_ids(text: str | None, base: str) -> list[int] | None:
@@ -117,7 +134,7 @@ def spec_from_args(args: argparse.Namespace, modules_to_save: list[str] | None =
                        rank_pattern=_parse_options(args.rank_pattern), alpha_pattern=_parse_options(args.alpha_pattern),
                        trainable_token_indices=_token_ids(args.trainable_tokens, args.base),
                        target_parameters=[t.strip() for t in args.target_parameters.split(",") if t.strip()]
-                       if args.target_parameters else None)
+                       if args.target_parameters else None, layer_replication=args.layer_replication)
 
 
 def add_data_args(p: argparse.ArgumentParser, train: bool) -> None:
@@ -346,6 +363,8 @@ def inspect(args: argparse.Namespace) -> int:
         print(f"tokens    trained rows of {s.tokens}")
     if c.get("target_parameters"):
         print(f"parameters {c['target_parameters']} (LoRA on the parameters themselves)")
+    if c.get("layer_replication"):
+        print(f"blocks    replicated from ranges {c['layer_replication']} (copies sharing their weights)")
     width = max((len(layer.module) for layer in s.layers), default=6)
     print(f"\n  {'module':<{width}}  {'params':>9}  {'|s·BA|_F':>10}  {'|tensors|':>10}")
     for layer in s.layers:

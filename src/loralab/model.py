@@ -17,6 +17,7 @@ from torch import nn
 
 from loralab.inits.base import INITS, InitContext
 from loralab.layer_kinds import kind_of
+from loralab.layer_replication import Replication, refuse_merge, release, replicated_for
 from loralab.layers import AdaptedLayer, RowPlan, SavedModule, Wrapper
 from loralab.methods.base import METHODS, AdapterMethod
 from loralab.param_targets import ParamAdapters, attach_param_targets, plan_param_targets
@@ -33,6 +34,7 @@ class LoralabState:
     specs: dict[str, AdapterSpec] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     hook_handles: list[Any] = field(default_factory=list)
+    replication: Replication | None = None  # the model's replicated blocks (loralab.layer_replication)
 
 
 def state_of(model: nn.Module) -> LoralabState:
@@ -117,26 +119,8 @@ def add_adapter(
         raise ValueError(f"an adapter named {name!r} already exists; remove it first or choose another name")
     method_cls = METHODS.get(spec.method)
     init = INITS.get(spec.init)
-
-    paths, saved_paths, token_plan, param_plan = _where(model, spec)
-    kinds = []
-    for path in paths:
-        current = _layer_at(model, path)
-        kinds.append(current.kind if isinstance(current, AdaptedLayer) else kind_of(current))
-    if spec.dropout and any(kind is not None and kind.name == "mha" for kind in kinds):
-        warnings.warn(f"dropout={spec.dropout} does not apply to the adapters of nn.MultiheadAttention layers (on "
-                      "its input projection and out_proj): they change the attention's weights, not its input "
-                      "(PEFT ignores it there too)", stacklevel=2)
-    layer_specs = [spec.for_layer(path.removesuffix(ATTENTION_OUT)) for path in paths]  # out_proj: its attention's
-    param_keys = [f"{path}.{p}" for path, names in param_plan.items() for p in names]
-    _check_patterns(method_cls, spec, {**dict(zip(paths, layer_specs)), **{k: spec.for_layer(k) for k in param_keys}})
-    shared = method_cls.make_shared(spec, kinds)
-    new: list[tuple[str, AdapterMethod]] = []
-    for path, kind, layer_spec in over_layers(list(zip(paths, kinds, layer_specs)), f"{spec.method}: layers"):
-        try:
-            new.append((path, method_cls(kind, layer_spec, shared=shared)))
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
+    with replicated_for(model, spec.layer_replication, state):
+        new, shared, paths, saved_paths, token_plan, param_plan = _plan(model, spec, method_cls)
     for path in saved_paths:
         current = model.get_submodule(path)
         if not isinstance(current, SavedModule):
@@ -165,6 +149,31 @@ def add_adapter(
             model.get_submodule(path).held[name].to(dtype)
     set_active(model, name if activate else state.active)
     return model
+
+
+def _plan(model: nn.Module, spec: AdapterSpec, method_cls: type[AdapterMethod]) -> tuple:
+    """What add_adapter attaches, built before the model changes: (methods by path, their shared module,
+    adapted paths, paths saved in full, token rows, parameter targets); raises on anything it cannot build."""
+    paths, saved_paths, token_plan, param_plan = _where(model, spec)
+    kinds = []
+    for path in paths:
+        current = _layer_at(model, path)
+        kinds.append(current.kind if isinstance(current, AdaptedLayer) else kind_of(current))
+    if spec.dropout and any(kind is not None and kind.name == "mha" for kind in kinds):
+        warnings.warn(f"dropout={spec.dropout} does not apply to the adapters of nn.MultiheadAttention layers (on "
+                      "its input projection and out_proj): they change the attention's weights, not its input "
+                      "(PEFT ignores it there too)", stacklevel=2)
+    layer_specs = [spec.for_layer(path.removesuffix(ATTENTION_OUT)) for path in paths]  # out_proj: its attention's
+    param_keys = [f"{path}.{p}" for path, names in param_plan.items() for p in names]
+    _check_patterns(method_cls, spec, {**dict(zip(paths, layer_specs)), **{k: spec.for_layer(k) for k in param_keys}})
+    shared = method_cls.make_shared(spec, kinds)
+    new: list[tuple[str, AdapterMethod]] = []
+    for path, kind, layer_spec in over_layers(list(zip(paths, kinds, layer_specs)), f"{spec.method}: layers"):
+        try:
+            new.append((path, method_cls(kind, layer_spec, shared=shared)))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    return new, shared, paths, saved_paths, token_plan, param_plan
 
 
 def _where(model: nn.Module, spec: AdapterSpec) -> tuple[list[str], list[str], dict[str, tuple[list[int], str | None]],
@@ -316,6 +325,7 @@ def _take_adapter_names(module: nn.Module, args: tuple, kwargs: dict) -> tuple[t
 
 def merge(model: nn.Module, names: str | list[str] | None = None) -> None:
     """Fold adapters (default: the active ones) into the base weights."""
+    refuse_merge(state_of(model))
     names = state_of(model).active if names is None else [names] if isinstance(names, str) else names
     for n in names:
         _known(model, n)
@@ -352,7 +362,8 @@ def merge_and_unload(model: nn.Module, names: str | list[str] | None = None) -> 
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:
-    """Detach an adapter; layers left with none go back to the plain base layer."""
+    """Detach an adapter; layers left with none go back to the plain base layer (and replicated blocks to the
+    original ones, once no adapter is left)."""
     state = state_of(model)
     _known(model, name)
     for path, module in reversed(list(wrappers(model))):  # inner wrappers first (an attention's out_proj)
@@ -362,6 +373,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
             set_module(model, path, module.unwrapped)
     del state.specs[name]
     state.active = [n for n in state.active if n != name]
+    release(state)
     link_siblings(model)
     _apply_trainable(model)
 

@@ -26,7 +26,6 @@ from typing import Any
 
 UNSUPPORTED = {  # field → what it does; each is refused where set (not false, None or empty)
     "alora_invocation_tokens": "activated LoRA (the adapter acts only from its invocation tokens on)",
-    "layer_replication": "replicated base layers",
     "megatron_config": "Megatron's parallel linear layers",
     "arrow_config": "Arrow routing over LoRA experts",
     "monteclora_config": "MonteCLoRA's sampled variational factors",

@@ -66,6 +66,9 @@ class AdapterSpec:
              3-D stacks of them, one update per expert (loralab.param_targets). LoRA (or rsLoRA) only,
              without dropout, as in PEFT; with targets=[] the adapter is those updates alone. They start as
              PEFT's do (A Kaiming-uniform, B = 0): init, layers and exclude apply to targets only.
+    layer_replication: ranges [start, end) of the model's blocks to rebuild its block list from, copies
+             sharing the original's weights, each with adapters of its own ([[0, 4], [2, 5]]: blocks 0, 1, 2, 3,
+             2, 3, 4), as PEFT's `layer_replication` (loralab.layer_replication).
     rank_pattern, alpha_pattern: per-layer r and alpha, as PEFT's: {"q_proj": 4, "layers.0.mlp.up_proj": 32}
              (a key matches a module whose name ends with it, the first matching key wins); a layer
              none matches takes r and alpha. Not for methods whose layers share parameters sized by r.
@@ -89,6 +92,7 @@ class AdapterSpec:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     target_parameters: list[str] | None = None
+    layer_replication: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
@@ -107,6 +111,8 @@ class AdapterSpec:
             self.trainable_token_indices = {k: list(v) if isinstance(v, tuple) else v for k, v in tokens.items()}
         if isinstance(self.target_parameters, tuple):
             self.target_parameters = list(self.target_parameters)
+        if isinstance(self.layer_replication, list | tuple):
+            self.layer_replication = [list(r) if isinstance(r, list | tuple) else r for r in self.layer_replication]
         self.validate()
 
     def validate(self) -> None:
@@ -128,6 +134,17 @@ class AdapterSpec:
         self._validate_patterns()
         self._validate_tokens()
         self._validate_parameters()
+        self._validate_replication()
+
+    def _validate_replication(self) -> None:
+        ranges = self.layer_replication
+        if ranges is None:
+            return
+        if not isinstance(ranges, list) or not ranges or not all(
+                isinstance(r, list) and len(r) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in r)
+                and 0 <= r[0] < r[1] for r in ranges):
+            raise ValueError(f"layer_replication must be a non-empty list of block ranges [start, end) with "
+                             f"0 <= start < end, e.g. [[0, 4], [2, 5]]; got {ranges!r}")
 
     def _validate_parameters(self) -> None:
         keys = self.target_parameters

@@ -213,11 +213,12 @@ def _check_extras(spec: AdapterSpec, label: str) -> None:
                                       (spec.bias != "none", f"bias={spec.bias!r}"),
                                       (spec.trainable_token_indices, "trainable token rows"),
                                       (spec.target_parameters, "LoRA on parameters (target_parameters)"),
-                                      (spec.options.get("lora_bias"), "a bias on the update (lora_bias)")) if used]
+                                      (spec.options.get("lora_bias"), "a bias on the update (lora_bias)"),
+                                      (spec.layer_replication, "replicated blocks (layer_replication)")) if used]
     if extras:
-        raise ValueError(f"adapter {label} also trains {extras[0]}; combine merges only the low-rank factors of "
-                         "layers, so it takes adapters without modules_to_save, token rows, target_parameters or "
-                         "lora_bias, and with bias='none'")
+        raise ValueError(f"adapter {label} also has {extras[0]}; combine merges only the low-rank factors of "
+                         "layers, so it takes adapters without modules_to_save, token rows, target_parameters, "
+                         "lora_bias or layer_replication, and with bias='none'")
 
 
 def _model_factors(model: nn.Module, name: str, label: str) -> dict[str, Pair]:

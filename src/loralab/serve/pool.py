@@ -50,6 +50,10 @@ WHOLE_BATCH = ("target_parameters (LoRA on parameters, e.g. MoE experts), which 
                "not row by row (merge it into the base: loralab merge)")
 
 
+REPLICATED = ("layer_replication (replicated blocks), which changes the base model's depth for every row that "
+              "shares it")
+
+
 def unstackable(config: dict, spec: AdapterSpec) -> list[str]:
     """Why the pool's stacked LoRA slots cannot hold this adapter (empty: they can)."""
     return [why for bad, why in (
@@ -58,6 +62,7 @@ def unstackable(config: dict, spec: AdapterSpec) -> list[str]:
         (bool(spec.modules_to_save), f"modules_to_save={spec.modules_to_save}"),
         (spec.trainable_token_indices is not None, "trainable_token_indices (trained token rows)"),
         (spec.target_parameters is not None, WHOLE_BATCH),
+        (spec.layer_replication is not None, REPLICATED),
         (bool(config.get("fan_in_fan_out")), "fan_in_fan_out (Conv1D layers)"),
         (bool(config.get("lora_bias")), "lora_bias"),
         (changes_base(config), BASE_CHANGING),
