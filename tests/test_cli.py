@@ -311,3 +311,20 @@ def test_train_on_replicated_blocks(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--base", "minilm-l6", "--task", "sst2", "--layer-replication", "4:2", "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "'4:2' is not a block range" in capsys.readouterr().err
+
+
+def test_train_an_activated_lora(tmp_path, capsys):
+    """--alora-invocation TEXT: the text's tokens in the base's tokenizer become the adapter's invocation
+    (PEFT's alora_invocation_tokens); text without tokens exits 2 with the reason."""
+    from transformers import AutoTokenizer
+
+    from loralab.zoo.models import resolve
+
+    argv = ["train", "--base", "minilm-l6", "--task", "sst2", "--max-train", "16", "--max-test", "16", "--steps", "2",
+            "--batch-size", "8", "--r", "2", "--targets", "query", "--no-progress"]
+    assert main([*argv, "--alora-invocation", "the film", "--out", str(tmp_path)]) == 0
+    want = AutoTokenizer.from_pretrained(resolve("minilm-l6"))("the film", add_special_tokens=False).input_ids
+    assert ll.read_config(tmp_path / "adapter")["alora_invocation_tokens"] == want and len(want) == 2
+    capsys.readouterr()
+    assert main([*argv, "--alora-invocation", " ", "--out", str(tmp_path / "b")]) == 2
+    assert "has no tokens" in capsys.readouterr().err

@@ -130,6 +130,7 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
         "layers_to_transform": None,
         "layers_pattern": None,
         "lora_bias": bool(spec.options.get("lora_bias")),
+        "alora_invocation_tokens": spec.options.get("alora_invocation_tokens"),
         "revision": None,
         "trainable_token_indices": spec.trainable_token_indices,
         "target_parameters": spec.target_parameters,
@@ -295,6 +296,8 @@ def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
     options = dict(extra.get("options") or {})
     if config.get("lora_bias"):
         options["lora_bias"] = True
+    if config.get("alora_invocation_tokens"):
+        options["alora_invocation_tokens"] = list(config["alora_invocation_tokens"])
     init = init_from_peft(config)
     return AdapterSpec(
         method=method,

@@ -50,6 +50,10 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-parameters", metavar="experts.gate_up_proj,experts.down_proj",
                    help="parameters LoRA updates directly, by their names' endings (PEFT's target_parameters): 2-D "
                         "weights, or a mixture-of-experts block's 3-D expert stacks (one update per expert)")
+    g.add_argument("--alora-invocation", metavar="TEXT",
+                   help="activated LoRA: the adapter acts only from the last occurrence of TEXT's tokens (in the "
+                        "base's tokenizer) on, the tokens before run as the base model (PEFT's "
+                        "alora_invocation_tokens), e.g. '<|im_start|>assistant'")
     g.add_argument("--layer-replication", type=_block_ranges, metavar="0:4,2:5",
                    help="rebuild the model's blocks from ranges START:END (END excluded) of them, copies sharing "
                         "their weights, each with its own adapters (PEFT's layer_replication): 0:4,2:5 gives blocks "
@@ -117,6 +121,18 @@ def _token_ids(text: str | None, base: str) -> list[int] | None:
     return ids
 
 
+def _invocation_ids(text: str, base: str) -> list[int]:
+    """TEXT's token ids in the tokenizer of `base`, without special tokens added around them."""
+    from transformers import AutoTokenizer
+
+    from loralab.zoo.models import resolve
+
+    ids = AutoTokenizer.from_pretrained(resolve(base), local_files_only=True)(text, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"--alora-invocation: {text!r} has no tokens in {base}'s tokenizer")
+    return ids
+
+
 def spec_from_args(args: argparse.Namespace, modules_to_save: list[str] | None = None):
     from loralab.spec import AdapterSpec
 
@@ -127,10 +143,13 @@ def spec_from_args(args: argparse.Namespace, modules_to_save: list[str] | None =
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     elif targets != "all-linear" and targets.isidentifier():
         targets = [targets]
+    options = _parse_options(args.option)
+    if args.alora_invocation:
+        options["alora_invocation_tokens"] = _invocation_ids(args.alora_invocation, args.base)
     return AdapterSpec(method=args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=targets,
                        init=args.init, rslora=args.rslora, modules_to_save=modules_to_save or [],
                        layers=args.layers, layers_pattern=args.layers_pattern,
-                       options=_parse_options(args.option), init_options=_parse_options(args.init_option),
+                       options=options, init_options=_parse_options(args.init_option),
                        rank_pattern=_parse_options(args.rank_pattern), alpha_pattern=_parse_options(args.alpha_pattern),
                        trainable_token_indices=_token_ids(args.trainable_tokens, args.base),
                        target_parameters=[t.strip() for t in args.target_parameters.split(",") if t.strip()]

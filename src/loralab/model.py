@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loralab import activated_lora
 from loralab.inits.base import INITS, InitContext
 from loralab.layer_kinds import kind_of
 from loralab.layer_replication import Replication, refuse_merge, release, replicated_for
@@ -35,6 +36,7 @@ class LoralabState:
     active: list[str] = field(default_factory=list)
     hook_handles: list[Any] = field(default_factory=list)
     replication: Replication | None = None  # the model's replicated blocks (loralab.layer_replication)
+    adapter_hooks: dict[str, list[Any]] = field(default_factory=dict)  # an adapter's own hooks on the model
 
 
 def state_of(model: nn.Module) -> LoralabState:
@@ -139,6 +141,9 @@ def add_adapter(
         method.attach(current)
     attach_token_rows(model, name, token_plan)
     attach_param_targets(model, name, param_plan, spec.for_layer)
+    if spec.options.get("alora_invocation_tokens") is not None:
+        state.adapter_hooks[name] = activated_lora.attach(model, [m for _, m in new],
+                                                          spec.options["alora_invocation_tokens"])
     state.specs[name] = spec
     link_siblings(model)
     init(model, new, InitContext(calibration, calibration_batches, loss_fn, spec.init_options))
@@ -372,6 +377,8 @@ def remove_adapter(model: nn.Module, name: str) -> None:
         if not module.held:
             set_module(model, path, module.unwrapped)
     del state.specs[name]
+    for handle in state.adapter_hooks.pop(name, []):
+        handle.remove()
     state.active = [n for n in state.active if n != name]
     release(state)
     link_siblings(model)

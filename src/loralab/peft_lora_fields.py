@@ -1,7 +1,7 @@
 """Fields of PEFT's LoRA config beyond r, alpha, targets and the like, as loralab reads them.
 
 Features of PEFT's LoRA that change what an adapter computes and that loralab does not implement
-(a bias on B, activated LoRA, LoRA on parameters, …) are refused by name
+(Megatron's layers, Arrow's routing, …) are refused by name
 (`check_supported`), rather than loaded as a plain LoRA that computes something else.
 
 `init_lora_weights`: most of PEFT's initialisers only pick the starting A and B, which the saved
@@ -25,7 +25,6 @@ import warnings
 from typing import Any
 
 UNSUPPORTED = {  # field → what it does; each is refused where set (not false, None or empty)
-    "alora_invocation_tokens": "activated LoRA (the adapter acts only from its invocation tokens on)",
     "megatron_config": "Megatron's parallel linear layers",
     "arrow_config": "Arrow routing over LoRA experts",
     "monteclora_config": "MonteCLoRA's sampled variational factors",
@@ -70,7 +69,9 @@ def changes_base(config: dict[str, Any]) -> bool:
     return _peft_init(config) in RE_FORMED
 
 
-LORA_ONLY = {"lora_bias": "a trained bias on lora_B"}  # implemented for LoRA (its option), not other formats
+# implemented for LoRA (its options), not other formats
+LORA_ONLY = {"lora_bias": "a trained bias on lora_B",
+             "alora_invocation_tokens": "activated LoRA (the adapter acts only from its invocation tokens on)"}
 
 
 def check_supported(config: dict[str, Any]) -> None:

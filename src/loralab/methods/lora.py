@@ -2,7 +2,9 @@
 
 rsLoRA (Kalajdzievski, arXiv 2312.03732) is the same method with scale alpha / sqrt(r)
 (`AdapterSpec(rslora=True)`). Option `lora_bias` (PEFT's): the update has a trained bias too,
-s·(BAx + b), which merging adds to the layer's bias (a layer without one cannot merge it).
+s·(BAx + b), which merging adds to the layer's bias (a layer without one cannot merge it). Option
+`alora_invocation_tokens` (PEFT's): activated LoRA, the update only from those tokens on
+(loralab.activated_lora).
 The unmerged path never forms ΔW. On a linear layer where it
 is the only active adapter, the base matmul and the update run as one autograd step
 (`loralab.fused_lora`: the update added in place, one input gradient); otherwise it is two
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loralab.activated_lora import Activation, activation_mask, check_tokens
 from loralab.fused_lora import LowRankTerms
 from loralab.layer_kinds import LayerKind
 from loralab.methods.base import METHODS, AdapterMethod
@@ -35,7 +38,7 @@ class LoRA(AdapterMethod):
     param_formula = "r·(in + out)"
     peft_type = "LORA"
     layer_kinds = (*AdapterMethod.layer_kinds, "mha")
-    option_defaults = {"lora_bias": False}
+    option_defaults = {"lora_bias": False, "alora_invocation_tokens": None}
 
     # Overriding any of these changes what the layer computes, so a subclass that does loses the fused path.
     _FORWARD = ("drop", "delta", "low_rank_out", "forward", "add_to", "apply_alone")
@@ -56,6 +59,13 @@ class LoRA(AdapterMethod):
                 raise ValueError(f"option lora_bias (a trained bias on the update) does not apply to {layer.name} "
                                  "layers, as in PEFT")
             self.lora_bias = nn.Parameter(torch.zeros(layer.out_features, dtype=w.dtype, device=w.device))
+        self.invocation: list[int] | None = None
+        self.activation: Activation | None = None  # its rows' offsets in the model's forward (see add_adapter)
+        if self.options["alora_invocation_tokens"] is not None:
+            self.invocation = check_tokens(self.options["alora_invocation_tokens"])
+            if type(self) is not LoRA or layer.name not in ("linear", "hf-conv1d"):
+                raise ValueError(f"option alora_invocation_tokens (activated LoRA) takes method 'lora' on linear "
+                                 f"layers, as in PEFT; got method {self.name!r} on a {layer.name} layer")
 
     def expected_trainable_params(self) -> int:
         bias = 0 if self.lora_bias is None else self.layer.out_features
@@ -90,6 +100,8 @@ class LoRA(AdapterMethod):
     def add_to(self, out: torch.Tensor, x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
         if self.layer.name in ("embedding", "conv"):
             return out + self.delta(x)
+        if self.invocation is not None:
+            return out + self._activated(self.delta(x))
         a, b, s = self.factors()
         h = F.linear(self.drop(x), a)
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, a.shape[0]), b.T, alpha=s)
@@ -112,7 +124,21 @@ class LoRA(AdapterMethod):
             return layer.matrix(w), bias
         return None
 
+    def _activated(self, delta: torch.Tensor) -> torch.Tensor:
+        """The update where each row's invocation has begun (none before the model's first forward)."""
+        offsets = None if self.activation is None else self.activation.offsets
+        if offsets is None:
+            return delta * 0  # the base alone, and gradients of zero, as in PEFT
+        if offsets.shape[0] != delta.shape[0]:
+            raise RuntimeError(f"activated LoRA found its invocation in {offsets.shape[0]} rows but this layer has "
+                               f"{delta.shape[0]}: mixed-adapter batches and layers called on other inputs than "
+                               "the model's rows are not supported with it")
+        return delta * activation_mask(offsets, delta)
+
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.invocation is not None:
+            raise RuntimeError("an activated LoRA (alora_invocation_tokens) cannot be merged, nor read as one weight "
+                               "(as in PEFT): it changes only the tokens from its invocation on")
         if self.lora_bias is not None and self.layer.bias is None:
             raise RuntimeError("an adapter with lora_bias cannot be merged into a layer without a bias, nor read as "
                                "one weight (as in PEFT): its bias has nowhere to go")
@@ -122,7 +148,7 @@ class LoRA(AdapterMethod):
         return None if self.lora_bias is None else bias + self.scale * self.lora_bias.to(bias.dtype)
 
     def fused_terms(self, x: torch.Tensor) -> LowRankTerms | None:
-        if not self._fusable or self.lora_bias is not None:
+        if not self._fusable or self.lora_bias is not None or self.invocation is not None:
             return None
         a, b, s = self.factors()
         base = self.fused_base(x, a, b)

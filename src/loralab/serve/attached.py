@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from loralab.checkpoint import CONFIG_FILE, load_adapter, read_config, spec_from_config
-from loralab.serve.pool import BASE_CHANGING, REPLICATED, WHOLE_BATCH, unstackable
+from loralab.serve.pool import ACTIVATED, BASE_CHANGING, REPLICATED, WHOLE_BATCH, unstackable
 from loralab.spec import AdapterSpec
 
 
@@ -35,7 +35,7 @@ def attach_unstackable(model: nn.Module, root: str | Path) -> tuple[list[str], d
         except (ValueError, KeyError, TypeError):
             continue  # the pool reports it when it tries to register the folder
         reasons = unstackable(config, spec)
-        unservable = [why for why in (BASE_CHANGING, WHOLE_BATCH, REPLICATED) if why in reasons]
+        unservable = [why for why in (BASE_CHANGING, WHOLE_BATCH, REPLICATED, ACTIVATED) if why in reasons]
         if unservable:
             rejected[name] = f"cannot be served: it uses {unservable[0]}"
         elif reasons:

@@ -54,6 +54,10 @@ REPLICATED = ("layer_replication (replicated blocks), which changes the base mod
               "shares it")
 
 
+ACTIVATED = ("alora_invocation_tokens (activated LoRA), whose rows start at their invocation tokens, found in "
+             "each request's prompt")
+
+
 def unstackable(config: dict, spec: AdapterSpec) -> list[str]:
     """Why the pool's stacked LoRA slots cannot hold this adapter (empty: they can)."""
     return [why for bad, why in (
@@ -63,6 +67,7 @@ def unstackable(config: dict, spec: AdapterSpec) -> list[str]:
         (spec.trainable_token_indices is not None, "trainable_token_indices (trained token rows)"),
         (spec.target_parameters is not None, WHOLE_BATCH),
         (spec.layer_replication is not None, REPLICATED),
+        (spec.options.get("alora_invocation_tokens") is not None, ACTIVATED),
         (bool(config.get("fan_in_fan_out")), "fan_in_fan_out (Conv1D layers)"),
         (bool(config.get("lora_bias")), "lora_bias"),
         (changes_base(config), BASE_CHANGING),
