@@ -184,11 +184,13 @@ class Stack(nn.Module):
         return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
-def randomise_trainables(model: nn.Module) -> None:
+def randomise_trainables(model: nn.Module) -> nn.Module:
+    """Every trainable tensor of `model` drawn at random (no path can shortcut a zero factor); returns it."""
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.5)
+    return model
 
 
 def check_peft_reads(tmp_path, ours: nn.Module, fresh: Callable[[], nn.Module], x: torch.Tensor) -> None:

@@ -3,6 +3,7 @@ on, checked against the base model before it, against PEFT both ways and in cach
 
 import pytest
 import torch
+from method_harness import randomise_trainables
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -21,13 +22,6 @@ def llama() -> LlamaForCausalLM:
                       num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
 
-
-def randomised(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
-    return model
 
 
 def batch() -> torch.Tensor:
@@ -57,7 +51,7 @@ def test_offsets_count_from_the_last_invocation_to_the_end():
 
 
 def test_tokens_before_the_invocation_run_as_the_base():
-    model = randomised(ll.add_adapter(llama(), ll.AdapterSpec(**SPEC)))
+    model = randomise_trainables(ll.add_adapter(llama(), ll.AdapterSpec(**SPEC)))
     ids = batch()
     ours = logits(model, ids)
     with ll.disabled(model):
@@ -69,13 +63,13 @@ def test_tokens_before_the_invocation_run_as_the_base():
 
 
 def test_no_gradient_from_tokens_before_the_invocation():
-    model = randomised(ll.add_adapter(llama(), ll.AdapterSpec(**SPEC)))
+    model = randomise_trainables(ll.add_adapter(llama(), ll.AdapterSpec(**SPEC)))
     logits(model, batch())[:, :5].sum().backward()  # row 2 invokes at 5, row 0 at 8
     assert all(p.grad is not None and p.grad.abs().max() == 0 for p in model.parameters() if p.requires_grad)
 
 
 def test_peft_reads_ours(tmp_path):
-    ours = randomised(ll.add_adapter(llama(), ll.AdapterSpec(**SPEC)))
+    ours = randomise_trainables(ll.add_adapter(llama(), ll.AdapterSpec(**SPEC)))
     ll.save_adapter(ours, tmp_path)
     assert ll.read_config(tmp_path)["alora_invocation_tokens"] == INVOKE
     theirs = PeftModel.from_pretrained(llama(), tmp_path).eval()
@@ -85,14 +79,14 @@ def test_peft_reads_ours(tmp_path):
 def test_we_read_peft(tmp_path):
     config = LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, alora_invocation_tokens=INVOKE,
                         task_type="CAUSAL_LM")
-    theirs = randomised(get_peft_model(llama(), config)).eval()
+    theirs = randomise_trainables(get_peft_model(llama(), config)).eval()
     theirs.save_pretrained(tmp_path)
     ours = ll.load_adapter(llama(), tmp_path)
     torch.testing.assert_close(logits(ours, batch()), logits(theirs, batch()), atol=1e-5, rtol=1e-5)
 
 
 def test_cached_generation_equals_peft_and_full_forwards(tmp_path):
-    ours = randomised(ll.add_adapter(llama(), ll.AdapterSpec(**SPEC)))
+    ours = randomise_trainables(ll.add_adapter(llama(), ll.AdapterSpec(**SPEC)))
     ll.save_adapter(ours, tmp_path)
     theirs = PeftModel.from_pretrained(llama(), tmp_path).eval()
     prompt = batch()
@@ -109,7 +103,7 @@ def test_cached_generation_equals_peft_and_full_forwards(tmp_path):
 
 
 def test_inputs_embeds_alone_run_as_the_base_with_a_warning():
-    model = randomised(ll.add_adapter(llama(), ll.AdapterSpec(**SPEC)))
+    model = randomise_trainables(ll.add_adapter(llama(), ll.AdapterSpec(**SPEC)))
     embeds = model.get_input_embeddings()(batch())
     with pytest.warns(UserWarning, match="input_ids"):
         out = model(inputs_embeds=embeds, use_cache=False).logits
@@ -152,7 +146,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     """Recomputed blocks (in the backward, after the model's forward) still see where each row invokes."""
     grads = {}
     for on in (False, True):
-        model = randomised(ll.add_adapter(llama(), ll.AdapterSpec(**SPEC))).train()
+        model = randomise_trainables(ll.add_adapter(llama(), ll.AdapterSpec(**SPEC))).train()
         if on:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ids = batch()

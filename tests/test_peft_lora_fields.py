@@ -100,7 +100,7 @@ def test_serving_refuses_them_and_says_how_to_convert(tmp_path):
     assert pool.names() == ["plain"] and "changes the base weights" in pool.rejected["pissa"]
 
 
-@pytest.mark.parametrize("extra", [{"use_bdlora": {"target_modules_bd_a": ["a"], "nblocks": 2}}])
+@pytest.mark.parametrize("extra", [{"monteclora_config": {}}])
 def test_peft_files_with_features_loralab_lacks_are_refused_by_name(tmp_path, extra):
     model = get_peft_model(Net(), LoraConfig(r=4, target_modules=["a"], **extra))
     model.save_pretrained(tmp_path)

@@ -298,6 +298,7 @@ def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
         options["lora_bias"] = True
     if config.get("alora_invocation_tokens"):
         options["alora_invocation_tokens"] = list(config["alora_invocation_tokens"])
+    options.update(METHODS.get(method).options_from_peft(config) if not extra else {})
     init = init_from_peft(config)
     return AdapterSpec(
         method=method,

@@ -28,7 +28,6 @@ UNSUPPORTED = {  # field → what it does; each is refused where set (not false,
     "megatron_config": "Megatron's parallel linear layers",
     "arrow_config": "Arrow routing over LoRA experts",
     "monteclora_config": "MonteCLoRA's sampled variational factors",
-    "use_bdlora": "block-diagonal factors (BD-LoRA)",
 }
 RE_FORMED = {"pissa": "pissa", "olora": "olora"}  # PEFT's name → loralab's init, the same residual
 NOT_RE_FORMED = {"corda": "its calibration statistics", "loftq": "its quantised base model",

@@ -192,10 +192,16 @@ class AdapterSpec:
                     raise ValueError(f"{field_name}[{key!r}] must be {positive}, got {value!r}")
 
     def for_layer(self, path: str) -> AdapterSpec:
-        """The spec module `path` is built with: its own r and alpha where a pattern names it."""
+        """The spec module `path` is built with: its own r and alpha where a pattern names it, and the options
+        its method gives that layer (AdapterMethod.layer_options)."""
+        from loralab.methods.base import METHODS
+
         r = pattern_value(self.rank_pattern, path, self.r)
         alpha = pattern_value(self.alpha_pattern, path, self.alpha)
-        return self if (r, alpha) == (self.r, self.alpha) else replace(self, r=r, alpha=alpha)
+        options = METHODS.get(self.method).layer_options(self.options, path)
+        if (r, alpha, options) == (self.r, self.alpha, self.options):
+            return self
+        return replace(self, r=r, alpha=alpha, options=options)
 
     def _validate_layers(self) -> None:
         if self.layers is None:

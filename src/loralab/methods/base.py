@@ -169,6 +169,17 @@ class AdapterMethod(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def options_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """For a LoRA variant saved as LORA: its options, from the fields of PEFT's config that mark it."""
+        return {}
+
+    @classmethod
+    def layer_options(cls, options: dict[str, Any], path: str) -> dict[str, Any]:
+        """The options the layer at module `path` is built with (a method whose layers differ by name, BD-LoRA's
+        block-diagonal factor, resolves them here; raises for a layer the options do not allow)."""
+        return options
+
+    @classmethod
     def spec_from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
         """For a `peft_type` other than LORA: the AdapterSpec fields (method, r, options, …) that PEFT's
         adapter_config.json gives, besides targets, exclude, bias and modules_to_save."""
