@@ -1,14 +1,15 @@
 """Combining two task adapters on real data: one LoRA adapter per task (SST-2, AG News) on the embedded
 MiniLM-L6 encoder, then every merge method of loralab.compose (task arithmetic arXiv 2212.04089, TIES
-2306.01708, DARE 2311.03099, LoRA-LEGO 2409.16167, …) and the two routers (a MeteoRA-style gate over the
-frozen adapters, arXiv 2405.13053; LoRAMoE trained multi-task, arXiv 2312.09979), each scored on both
+2306.01708, DARE 2311.03099, LoRA-LEGO 2409.16167, …) and the routers (Arrow over the frozen adapters, untrained,
+arXiv 2405.11157; a MeteoRA-style gate over them, arXiv 2405.13053; LoRAMoE trained multi-task, arXiv
+2312.09979), each scored on both
 test sets. Prints the table and writes it to OUT/table.md.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/two_task_table.py
 
 Heads: every task keeps its own linear classifier outside the adapters (train/multitask.py), so
 adapters merge as pure LoRA factors. The single-task adapters train theirs (a fresh head each), and
-every merge and the MeteoRA gate use those; LoRAMoE trains its own pair with its experts; the base
+every merge, Arrow and the MeteoRA gate use those; LoRAMoE trains its own pair with its experts; the base
 row is a linear probe (heads only, trained on the frozen encoder). Multi-task runs draw batches from
 an equal mix of both tasks, each row scored by its task's head.
 """
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 import loralab as ll
-from loralab.compose import add_router, combine_folders, list_merge_methods
+from loralab.compose import add_arrow, add_router, combine_folders, list_merge_methods
 from loralab.train.data import make_examples
 from loralab.train.multitask import MultiTaskClassifier, collate_tasks, with_task
 from loralab.train.trainer import TrainConfig, Trainer, evaluate
@@ -141,6 +142,11 @@ def run(args: argparse.Namespace) -> str:
         rank = ll.get_spec(ex.model, "merged").r
         ex.score(f"merge: {method} (rank {rank})", heads)
         ll.remove_adapter(ex.model, "merged")
+
+    for k in (1, 2):  # nothing trains: the heads are the single-task adapters'
+        add_arrow(ex.model, names, name="arrow", top_k=k)
+        ex.score(f"router: Arrow, top-{k} of the 2 adapters (untrained)", heads)
+        ll.remove_adapter(ex.model, "arrow")
 
     add_router(ex.model, names, name="gate", top_k=2)
     ex.fit(heads, mixed, a.router_steps, "MeteoRA-style gate over the frozen adapters")

@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 import loralab as ll
 from loralab.methods.base import METHODS
 
-ROUTERS = {"meteora"}  # routes among other adapters by name: covered in test_meteora.py
+ROUTERS = {"meteora", "arrow"}  # route among other adapters by name: covered in test_meteora.py, test_arrow.py
 
 
 class Net(nn.Module):

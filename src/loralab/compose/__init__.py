@@ -3,6 +3,6 @@ merge method in merges/) and routing among trained adapters per token (routers.p
 a method of its own, methods/loramoe.py)."""
 
 from loralab.compose.merging import combine, combine_folders, list_merge_methods
-from loralab.compose.routers import add_router
+from loralab.compose.routers import add_arrow, add_router
 
-__all__ = ["add_router", "combine", "combine_folders", "list_merge_methods"]
+__all__ = ["add_arrow", "add_router", "combine", "combine_folders", "list_merge_methods"]
