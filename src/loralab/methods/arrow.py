@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
-from loralab.methods.base import METHODS, AdapterMethod
+from loralab.methods._routing import OverAdapters
+from loralab.methods.base import METHODS
 from loralab.methods.lora import LoRA
 from loralab.spec import AdapterSpec
 
@@ -32,7 +33,7 @@ def top_right_singular_vector(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @METHODS.register("arrow")
-class ArrowRouter(AdapterMethod):
+class ArrowRouter(OverAdapters):
     name = "arrow"
     summary = "Each token to its top-k LoRA experts by their ΔW's top singular vector; nothing trains"
     paper = "2405.11157"
@@ -51,23 +52,12 @@ class ArrowRouter(AdapterMethod):
             raise ValueError(f"arrow temperature must be a positive number, got {t!r}")
         if spec.dropout:
             raise ValueError(f"arrow trains nothing, so dropout does not apply to it; got dropout={spec.dropout}")
-        self.host: nn.Module | None = None
-
-    @classmethod
-    def max_rank(cls, layer: LayerKind) -> int:
-        return max(layer.in_features, layer.out_features)  # r is unused
-
-    def attach(self, host: nn.Module) -> None:
-        object.__setattr__(self, "host", host)  # a reference, not a submodule: the experts stay theirs
 
     def expected_trainable_params(self) -> int:
         return 0
 
     def _lora(self, names: list[str], role: str) -> list[LoRA]:
-        missing = [n for n in names if self.host is None or n not in self.host.adapters]
-        if missing:
-            raise ValueError(f"arrow: {role} adapter(s) {missing} are not attached to this layer")
-        methods = [self.host.adapters[n] for n in names]
+        methods = self.adapters_named(names, role)
         other = [n for n, m in zip(names, methods) if type(m) is not LoRA]
         if other:
             raise ValueError(f"arrow routes over plain LoRA adapters; {other} are not (method 'lora' only)")

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from loralab.layer_kinds import LayerKind
-from loralab.methods._routing import top_k_gates
+from loralab.methods._routing import OverAdapters, top_k_gates
 from loralab.methods.base import METHODS, AdapterMethod
 from loralab.spec import AdapterSpec
 
 
 @METHODS.register("meteora")
-class MeteoraGate(AdapterMethod):
+class MeteoraGate(OverAdapters):
     name = "meteora"
     summary = "A trained per-token top-k gate mixing frozen, already-trained adapters"
     paper = "2405.13053"
@@ -41,24 +41,12 @@ class MeteoraGate(AdapterMethod):
             raise ValueError(f"meteora top_k must be in [1, {len(experts)}], got {k}")
         self.router = nn.Parameter(torch.zeros(len(experts), layer.in_features, dtype=layer.weight.dtype,
                                                device=layer.weight.device))
-        self.host: nn.Module | None = None
-
-    @classmethod
-    def max_rank(cls, layer: LayerKind) -> int:
-        return max(layer.in_features, layer.out_features)  # r is unused
-
-    def attach(self, host: nn.Module) -> None:
-        object.__setattr__(self, "host", host)  # a reference, not a submodule: the experts stay theirs
 
     def expected_trainable_params(self) -> int:
         return self.router.numel()
 
     def experts(self) -> list[AdapterMethod]:
-        names = self.options["experts"]
-        missing = [n for n in names if self.host is None or n not in self.host.adapters]
-        if missing:
-            raise ValueError(f"meteora gate: expert adapter(s) {missing} are not attached to this layer")
-        return [self.host.adapters[n] for n in names]
+        return self.adapters_named(self.options["experts"], "expert")
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.router)
