@@ -129,14 +129,28 @@ def test_bad_settings_are_refused(spec, message):
         ll.add_adapter(llama(), ll.AdapterSpec(**spec))
 
 
-def test_merge_mixed_rows_and_serving_are_refused(tmp_path):
+def test_mixed_adapter_rows_equal_each_adapter_alone():
+    model = randomise_trainables(ll.add_adapter(llama(), ll.AdapterSpec(**SPEC)))
+    randomise_trainables(ll.add_adapter(model, ll.AdapterSpec(method="lora", r=2, targets=TARGETS), name="plain"))
+    ids, names = batch(), ["plain", "default", "default"]
+    with ll.row_adapters(model, names):
+        mixed = logits(model, ids)
+    for i, name in enumerate(names):
+        ll.set_active(model, name)
+        torch.testing.assert_close(mixed[i], logits(model, ids[i:i + 1])[0], atol=1e-5, rtol=1e-5)
+    kwargs = dict(max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+    with ll.row_adapters(model, names):
+        generated = model.generate(ids, **kwargs)
+    for i, name in enumerate(names):
+        ll.set_active(model, name)
+        assert torch.equal(generated[i], model.generate(ids[i:i + 1], **kwargs)[0])
+
+
+def test_merge_and_serving_are_refused(tmp_path):
     model = ll.add_adapter(llama(), ll.AdapterSpec(**SPEC))
     with pytest.raises(RuntimeError, match="cannot be merged"):
         ll.merge(model)
     assert logits(model, batch()).isfinite().all()  # nothing was changed by the refused merge
-    ll.add_adapter(model, ll.AdapterSpec(method="lora", r=2, targets=TARGETS), name="plain")
-    with pytest.raises(RuntimeError, match="mixed-adapter batches"), ll.row_adapters(model, ["default", "plain", None]):
-        logits(model, batch())
     ll.save_adapter(model, tmp_path / "activated", name="default")
     attached, rejected = attach_unstackable(llama(), tmp_path)
     assert attached == [] and "activated LoRA" in rejected["activated"]

@@ -232,7 +232,11 @@ class AdaptedLayer(Wrapper):
             method = self.adapters[name] if name is not None and name in self.adapters else None
             if method is None:
                 continue
-            rows = method.apply_alone(x.index_select(0, idx), out.index_select(0, idx))
+            method.batch_rows = idx  # (for methods whose change depends on the row: activated LoRA)
+            try:
+                rows = method.apply_alone(x.index_select(0, idx), out.index_select(0, idx))
+            finally:
+                method.batch_rows = None
             result = result.index_copy(0, idx, rows)
         return result
 

@@ -55,6 +55,7 @@ class AdapterMethod(nn.Module):
         object.__setattr__(self, "layer", layer)  # a view of the base layer, not a submodule
         self.shared = shared  # one module for the whole adapter (make_shared), the same object in every layer
         self.aux_loss: torch.Tensor | None = None  # an extra training loss this forward produced (routers)
+        self.batch_rows: torch.Tensor | None = None  # in a mixed-adapter batch, which rows this call computes
         unknown = sorted(set(spec.options) - set(self.option_defaults))
         if unknown:
             allowed = ", ".join(sorted(self.option_defaults)) or "none"

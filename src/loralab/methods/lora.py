@@ -129,10 +129,11 @@ class LoRA(AdapterMethod):
         offsets = None if self.activation is None else self.activation.offsets
         if offsets is None:
             return delta * 0  # the base alone, and gradients of zero, as in PEFT
+        if self.batch_rows is not None:  # a mixed-adapter batch: this adapter's rows
+            offsets = offsets.to(self.batch_rows.device)[self.batch_rows]
         if offsets.shape[0] != delta.shape[0]:
             raise RuntimeError(f"activated LoRA found its invocation in {offsets.shape[0]} rows but this layer has "
-                               f"{delta.shape[0]}: mixed-adapter batches and layers called on other inputs than "
-                               "the model's rows are not supported with it")
+                               f"{delta.shape[0]}: a layer called on other inputs than the model's rows")
         return delta * activation_mask(offsets, delta)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
