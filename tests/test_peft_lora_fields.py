@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from method_harness import randomise_trainables
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -100,13 +101,26 @@ def test_serving_refuses_them_and_says_how_to_convert(tmp_path):
     assert pool.names() == ["plain"] and "changes the base weights" in pool.rejected["pissa"]
 
 
-@pytest.mark.parametrize("extra", [{"monteclora_config": {}}])
-def test_peft_files_with_features_loralab_lacks_are_refused_by_name(tmp_path, extra):
-    model = get_peft_model(Net(), LoraConfig(r=4, target_modules=["a"], **extra))
-    model.save_pretrained(tmp_path)
-    (field,) = extra
-    with pytest.raises(ValueError, match=f"uses {field} .*does not implement"):
+def test_peft_files_with_features_loralab_lacks_are_refused_by_name(tmp_path):
+    get_peft_model(Net(), LoraConfig(r=4, target_modules=["a"])).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "arrow_config": {"top_k": 2}}))
+    with pytest.raises(ValueError, match="uses arrow_config .*compose.add_arrow.*does not implement"):
         ll.load_adapter(Net(), tmp_path)
+
+
+def test_monteclora_files_load_as_the_lora_they_compute_outside_training(tmp_path):
+    """MonteCLoRA samples perturbations of A only in training: in eval PEFT computes the plain LoRA of its factors."""
+    from peft.tuners.lora.config import MontecloraConfig
+
+    model = get_peft_model(Net(), LoraConfig(r=4, target_modules=["a", "b"], monteclora_config=MontecloraConfig()))
+    randomise_trainables(model)
+    model.eval().save_pretrained(tmp_path)
+    assert any(".lora_monteclora_sampler." in k for k in ll.read_tensors(tmp_path))
+    with pytest.warns(UserWarning, match="training-time sampling is not implemented"):
+        ours = ll.load_adapter(Net(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(X), model(X), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("field", sorted(UNSUPPORTED))

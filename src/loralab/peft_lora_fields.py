@@ -26,9 +26,8 @@ from typing import Any
 
 UNSUPPORTED = {  # field → what it does; each is refused where set (not false, None or empty)
     "megatron_config": "Megatron's parallel linear layers",
-    "arrow_config": "Arrow routing over LoRA experts: load its task adapters and route over them with "
+    "arrow_config": "PEFT's Arrow router file; load its task adapters instead and route over them with "
                     "loralab.compose.add_arrow",
-    "monteclora_config": "MonteCLoRA's sampled variational factors",
 }
 RE_FORMED = {"pissa": "pissa", "olora": "olora"}  # PEFT's name → loralab's init, the same residual
 NOT_RE_FORMED = {"corda": "its calibration statistics", "loftq": "its quantised base model",

@@ -16,6 +16,7 @@ Variants that only change `factors()` (DyLoRA, SoRA, …) keep the fused path.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -159,11 +160,18 @@ class LoRA(AdapterMethod):
 
     @classmethod
     def remap_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not config.get("velora_config"):
-            return tensors
         # PEFT's VeLoRA changes only how A's gradient is formed in training (from compressed inputs), not the
-        # forward: its projection buffer is not needed (loralab trains such an adapter on with exact gradients)
-        return {k: v for k, v in tensors.items() if not k.endswith(".lora_velora_embed")}
+        # forward: its projection buffer is not needed (loralab trains such an adapter on with exact gradients).
+        # MonteCLoRA samples perturbations of A in training only, from its sampler's variational parameters;
+        # outside training (and merged) it is the plain LoRA its factors give.
+        training_only = [part for field, part in (("velora_config", ".lora_velora_embed"),
+                                                  ("monteclora_config", ".lora_monteclora_sampler."))
+                         if config.get(field)]
+        if config.get("monteclora_config"):
+            warnings.warn("a MonteCLoRA adapter: loralab computes what PEFT computes outside training, the plain "
+                          "LoRA of its factors; its training-time sampling is not implemented (training it on "
+                          "trains a plain LoRA)", stacklevel=4)
+        return {k: v for k, v in tensors.items() if not any(part in k for part in training_only)}
 
     # PEFT names: lora_A.weight / lora_B.weight (conv: kernel shapes), lora_embedding_A / _B.
     def to_saved(self) -> dict[str, torch.Tensor]:
