@@ -27,7 +27,7 @@ from loralab import embedding_layers, param_targets, peft_tokens
 from loralab.layers import SavedModule
 from loralab.methods.base import METHODS, SavedTensors, check_shape
 from loralab.model import ATTENTION_OUT, adapted_layers, add_adapter, get_spec, methods_of, remove_adapter, wrappers
-from loralab.peft_lora_fields import check_supported, init_from_peft
+from loralab.peft_lora_fields import TRAINED_AS, check_supported, init_from_peft
 from loralab.rank_pattern import layer_patterns, read_patterns
 from loralab.spec import AdapterSpec
 from loralab.targets import candidate_modules, matches
@@ -123,7 +123,7 @@ def adapter_config(model: nn.Module, name: str) -> dict[str, Any]:
         "bias": spec.bias,
         "modules_to_save": spec.modules_to_save or None,
         "fan_in_fan_out": any(layer.kind.name == "hf-conv1d" for layer in layers.values()),
-        "init_lora_weights": True,
+        "init_lora_weights": next((peft for peft, ours in TRAINED_AS.items() if ours == spec.init), True),
         "inference_mode": True,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,

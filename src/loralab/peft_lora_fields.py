@@ -30,6 +30,7 @@ UNSUPPORTED = {  # field → what it does; each is refused where set (not false,
                     "loralab.compose.add_arrow",
 }
 RE_FORMED = {"pissa": "pissa", "olora": "olora"}  # PEFT's name → loralab's init, the same residual
+TRAINED_AS = {"mica": "mica"}  # PEFT's name → loralab's init, for inits that decide what trains (not the base)
 NOT_RE_FORMED = {"corda": "its calibration statistics", "loftq": "its quantised base model",
                  "lora_ga": "the gradients of its calibration batches"}
 
@@ -43,11 +44,14 @@ def _peft_init(config: dict[str, Any]) -> str | None:
 
 
 def init_from_peft(config: dict[str, Any]) -> str | None:
-    """The loralab init that re-forms the base a PEFT LoRA file's factors apply to; None where the
-    file applies to the original base (every init that leaves the base alone, or a converted file)."""
+    """The loralab init that re-forms the base a PEFT LoRA file's factors apply to, or that decides which of
+    them train (MiCA's frozen B); None where the file applies to the original base and trains as LoRA (every
+    other init that leaves the base alone, or a converted file)."""
     name, init = _peft_init(config), config.get("init_lora_weights")
     if name is None:
         return None
+    if name in TRAINED_AS:
+        return TRAINED_AS[name]
     if name != init.lower():
         warnings.warn(f"init_lora_weights={init!r}: PEFT re-forms this adapter's residual base with a randomised "
                       "SVD, so even PEFT's own reload differs slightly; loralab uses the exact SVD it estimates",
