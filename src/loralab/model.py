@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from loralab import activated_lora
-from loralab.inits.base import INITS, InitContext
+from loralab.inits.base import INITS, InitContext, undo_start
 from loralab.layer_kinds import kind_of
 from loralab.layer_replication import Replication, refuse_merge, release, replicated_for
 from loralab.layers import AdaptedLayer, RowPlan, SavedModule, Wrapper
@@ -112,6 +112,11 @@ def add_adapter(
 
     `calibration` (batches of model inputs, dicts) feeds data-driven initialisers such as LoRA-GA or EVA;
     `loss_fn(model, batch)` gives LoRA-GA its loss (default: `model(**batch).loss`).
+
+    An add that fails (a calibration batch the model refuses, Ctrl-C in an initialiser) leaves the model as it
+    was: no part of the adapter stays, and base weights an initialiser moved a share of into the adapter
+    (PiSSA and its kin) get it back, to float rounding. LoftQ's quantised base is the exception: it is not
+    kept, so a LoftQ init stopped midway leaves the layers it reached quantised.
     """
     spec = spec or AdapterSpec()
     state = state_of(model)
@@ -122,7 +127,27 @@ def add_adapter(
     method_cls = METHODS.get(spec.method)
     init = INITS.get(spec.init)
     with replicated_for(model, spec.layer_replication, state):
-        new, shared, paths, saved_paths, token_plan, param_plan = _plan(model, spec, method_cls)
+        plan = _plan(model, spec, method_cls)
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    try:
+        _attach(model, name, spec, plan, init, InitContext(calibration, calibration_batches, loss_fn,
+                                                           spec.init_options), dtype)
+        set_active(model, name if activate else state.active)
+    except BaseException:  # a failed initialiser or Ctrl-C in its calibration: the model as it was
+        for _, method in plan[0]:
+            undo_start(method)
+        _detach(model, name)
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+        raise
+    return model
+
+
+def _attach(model: nn.Module, name: str, spec: AdapterSpec, plan: tuple, init: Any, context: InitContext,
+            dtype: torch.dtype | None) -> None:
+    """Put what `_plan` built into the model and initialise it."""
+    state = state_of(model)
+    new, _, _, saved_paths, token_plan, param_plan = plan
     for path in saved_paths:
         current = model.get_submodule(path)
         if not isinstance(current, SavedModule):
@@ -146,14 +171,12 @@ def add_adapter(
                                                           spec.options["alora_invocation_tokens"])
     state.specs[name] = spec
     link_siblings(model)
-    init(model, new, InitContext(calibration, calibration_batches, loss_fn, spec.init_options))
+    init(model, new, context)
     if dtype is not None:
         for _, method in new:
             method.to(dtype)
         for path in [*saved_paths, *token_plan, *param_plan]:
             model.get_submodule(path).held[name].to(dtype)
-    set_active(model, name if activate else state.active)
-    return model
 
 
 def _plan(model: nn.Module, spec: AdapterSpec, method_cls: type[AdapterMethod]) -> tuple:
@@ -369,20 +392,25 @@ def merge_and_unload(model: nn.Module, names: str | list[str] | None = None) -> 
 def remove_adapter(model: nn.Module, name: str) -> None:
     """Detach an adapter; layers left with none go back to the plain base layer (and replicated blocks to the
     original ones, once no adapter is left)."""
-    state = state_of(model)
     _known(model, name)
+    _detach(model, name)
+    _apply_trainable(model)
+
+
+def _detach(model: nn.Module, name: str) -> None:
+    """Take out whatever of adapter `name` is in the model (all of it, or what a failed add put in)."""
+    state = state_of(model)
     for path, module in reversed(list(wrappers(model))):  # inner wrappers first (an attention's out_proj)
         if name in module.held:
             module.remove(name)
         if not module.held:
             set_module(model, path, module.unwrapped)
-    del state.specs[name]
+    state.specs.pop(name, None)
     for handle in state.adapter_hooks.pop(name, []):
         handle.remove()
     state.active = [n for n in state.active if n != name]
     release(state)
     link_siblings(model)
-    _apply_trainable(model)
 
 
 @dataclass

@@ -89,6 +89,19 @@ def start_from(method: AdapterMethod, b: torch.Tensor, a: torch.Tensor) -> None:
     method.base_offset = (method.lora_A.detach().clone(), method.lora_B.detach().clone())
 
 
+@torch.no_grad()
+def undo_start(method: AdapterMethod) -> None:
+    """Put s·B₀A₀ back into the base weight where `start_from` moved it out (an add that failed later)."""
+    offset = getattr(method, "base_offset", None)
+    if offset is None:
+        return
+    a, b = offset
+    weight = method.layer.weight
+    restored = method.layer.matrix(weight.detach()).float() + method.scale * (b.float() @ a.float())
+    weight.copy_(method.layer.to_weight(restored.to(weight.dtype)))
+    method.base_offset = None
+
+
 def low_rank_methods(adapted: list[tuple[str, AdapterMethod]], init: str) -> list[AdapterMethod]:
     """The methods that hold LoRA's A and B; an init that works on A/B refuses the rest."""
     out = []
