@@ -16,6 +16,12 @@ from loralab.train.optim.lowrank import lora_factors
 
 @OPTIMIZERS.register("lora-fa")
 def lora_fa(model: nn.Module, config: Any) -> torch.optim.Optimizer:
-    for f in lora_factors(model):
+    factors = lora_factors(model)
+    frozen_b = sum(not f.b.requires_grad for f in factors)
+    if frozen_b:
+        raise ValueError(f"lora-fa freezes A and trains B alone, but {frozen_b} of the {len(factors)} adapted layers "
+                         "have B frozen already (init 'mica' trains A alone): nothing would train there; use "
+                         "another optimiser, e.g. adamw")
+    for f in factors:
         f.a.requires_grad_(False)
     return torch.optim.AdamW(decay_groups(model, config.weight_decay), lr=config.lr, betas=tuple(config.betas))

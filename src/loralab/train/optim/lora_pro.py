@@ -7,6 +7,8 @@ Sylvester term X = 0) is
     g_B' = (1/s²) [I − B(BᵀB)⁻¹Bᵀ] g_B (AAᵀ)⁻¹,
 whose equivalent gradient is P_B g + (I − P_B) g P_A, the projection of g onto the matrices
 LoRA can reach. Inverses are damped (option "damping", default 1e-6) so B = 0 at init is safe.
+Where one factor is frozen (MiCA's B, a buffer) the other alone gives the closest match it can
+reach: g_A' = (1/s²) (BᵀB)⁻¹ g_A (equivalent P_B g), or g_B' = (1/s²) g_B (AAᵀ)⁻¹ (g P_A).
 """
 
 from __future__ import annotations
@@ -35,10 +37,14 @@ def lora_pro(model: nn.Module, config: Any) -> torch.optim.Optimizer:
     damping = float(config.optimizer_options.get("damping", 1e-6))
 
     def adjust(f: Factors, step: int) -> None:
-        if f.a.grad is None or f.b.grad is None:
-            return
-        new_a, new_b = lora_pro_grads(f.a.float(), f.b.float(), f.a.grad.float(), f.b.grad.float(), f.scale, damping)
-        f.a.grad.copy_(new_a)
-        f.b.grad.copy_(new_b)
+        a, b, s = f.a.detach().float(), f.b.detach().float(), f.scale
+        if f.a.grad is not None and f.b.grad is not None:
+            new_a, new_b = lora_pro_grads(a, b, f.a.grad.float(), f.b.grad.float(), s, damping)
+            f.a.grad.copy_(new_a)
+            f.b.grad.copy_(new_b)
+        elif f.a.grad is not None and not f.b.requires_grad:
+            f.a.grad.copy_(regularised_inverse(b.T @ b, damping) @ f.a.grad.float() / s**2)
+        elif f.b.grad is not None and not f.a.requires_grad:
+            f.b.grad.copy_(f.b.grad.float() @ regularised_inverse(a @ a.T, damping) / s**2)
 
     return transformed_adamw(model, config, adjust)
