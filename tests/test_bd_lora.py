@@ -12,7 +12,7 @@ from method_harness import (
     randomise_trainables,
 )
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import loralab as ll
 
@@ -130,3 +130,32 @@ def test_defaults_split_llama_blocks_as_the_paper_shards_them():
                               ("up", layer.mlp.up_proj), ("down", layer.mlp.down_proj)]}
     assert shapes == {"q": ((4, 16), (16, 2)), "o": ((4, 8), (16, 4)), "up": ((4, 16), (32, 2)),
                       "down": ((4, 16), (16, 4))}
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=4,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+GPT2_TARGETS, GPT2_A, GPT2_B = ["c_attn", "c_fc", "c_proj"], ["c_attn", "c_fc"], ["c_proj"]
+
+
+def gpt2_logits(model):
+    return model(input_ids=IDS % 64, use_cache=False).logits
+
+
+def test_gpt2_conv1d_saves_as_loralab_as_peft_cannot_build_it(tmp_path):
+    """GPT-2's Conv1D stores W as [in, out]: PEFT's use_bdlora variant fails on it (it reads in_features, which
+    Conv1D lacks), so such an adapter is saved in loralab's own format and read back the same."""
+    bd = ll.AdapterSpec(method="bd-lora", r=4, targets=GPT2_TARGETS,
+                        options={"nblocks": N, "block_a": GPT2_A, "block_b": GPT2_B})
+    ours = randomise_trainables(ll.add_adapter(gpt2(), bd))
+    ll.save_adapter(ours, tmp_path)
+    assert ll.read_config(tmp_path)["peft_type"] == "LORALAB"
+    back = ll.load_adapter(gpt2(), tmp_path)
+    torch.testing.assert_close(gpt2_logits(back), gpt2_logits(ours), atol=0, rtol=0)
+    config = LoraConfig(r=4, target_modules=GPT2_TARGETS, fan_in_fan_out=True,
+                        use_bdlora={"target_modules_bd_a": GPT2_A, "target_modules_bd_b": GPT2_B, "nblocks": N})
+    with pytest.raises(AttributeError, match="in_features"):  # once PEFT builds it, save it as PEFT's again
+        get_peft_model(gpt2(), config)

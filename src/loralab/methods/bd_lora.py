@@ -9,7 +9,8 @@ for it. Names match as in PEFT: a pattern anywhere in the module's name; with `m
 adapted layer must match one. The defaults are that split for Llama-style names, n = 2, and plain
 LoRA on layers neither names (PEFT's BdLoraConfig names no layers and is strict). Saved as PEFT's
 `use_bdlora` LoRA variant, each block-diagonal factor as PEFT stores it, its blocks stacked: A as
-[r, in/n], B as [out, r/n].
+[r, in/n], B as [out, r/n]; with loralab's own peft_type where a layer is GPT-2's Conv1D, on which
+PEFT (0.21) cannot build the variant (it reads the layer's `in_features`, which Conv1D lacks).
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class BDLoRA(LoRA):
 
     @classmethod
     def peft_config(cls, spec: AdapterSpec, adapted: dict[str, AdapterMethod]) -> dict[str, Any] | None:
+        if any(method.layer.name == "hf-conv1d" for method in adapted.values()):
+            return None
         o = {**cls.option_defaults, **spec.options}
         return {"use_bdlora": {"target_modules_bd_a": list(o["block_a"]) or None,
                                "target_modules_bd_b": list(o["block_b"]) or None,
