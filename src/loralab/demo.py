@@ -9,6 +9,7 @@ checks the reloaded accuracy is the same.
 from __future__ import annotations
 
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def reload_accuracy(adapter: Path, use_peft: bool, device: torch.device) -> floa
             from peft import PeftModel
         except ImportError:
             return None
-        model = PeftModel.from_pretrained(model, str(adapter))
+        with warnings.catch_warnings():  # PEFT's own use of a name transformers deprecates, not ours to mend
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = PeftModel.from_pretrained(model, str(adapter))
     else:
         load_adapter(model, adapter)
     test = make_examples(task.kind, task.test, tok, 128)
