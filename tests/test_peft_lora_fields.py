@@ -101,11 +101,16 @@ def test_serving_refuses_them_and_says_how_to_convert(tmp_path):
     assert pool.names() == ["plain"] and "changes the base weights" in pool.rejected["pissa"]
 
 
-def test_peft_files_with_features_loralab_lacks_are_refused_by_name(tmp_path):
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("arrow_config", {"top_k": 2}, "uses arrow_config .*compose.add_arrow.*does not implement"),
+    ("use_qalora", True, "uses use_qalora .*group-pooled A.*GPTQ.*does not implement"),
+])
+def test_peft_files_with_features_loralab_lacks_are_refused_by_name(tmp_path, field, value, message):
     get_peft_model(Net(), LoraConfig(r=4, target_modules=["a"])).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "arrow_config": {"top_k": 2}}))
-    with pytest.raises(ValueError, match="uses arrow_config .*compose.add_arrow.*does not implement"):
+    assert field in config or field == "arrow_config"  # PEFT writes use_qalora (false) in every LoRA file
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ValueError, match=message):
         ll.load_adapter(Net(), tmp_path)
 
 

@@ -28,6 +28,7 @@ UNSUPPORTED = {  # field → what it does; each is refused where set (not false,
     "megatron_config": "Megatron's parallel linear layers",
     "arrow_config": "PEFT's Arrow router file; load its task adapters instead and route over them with "
                     "loralab.compose.add_arrow",
+    "use_qalora": "QA-LoRA's group-pooled A (arXiv 2309.14717), which PEFT builds on GPTQ-quantised layers only",
 }
 RE_FORMED = {"pissa": "pissa", "olora": "olora"}  # PEFT's name → loralab's init, the same residual
 TRAINED_AS = {"mica": "mica"}  # PEFT's name → loralab's init, for inits that decide what trains (not the base)
