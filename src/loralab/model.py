@@ -134,7 +134,8 @@ def add_adapter(
                                                            spec.init_options), dtype)
         set_active(model, name if activate else state.active)
     except BaseException:  # a failed initialiser or Ctrl-C in its calibration: the model as it was
-        for _, method in plan[0]:
+        new_methods = plan[0]
+        for _, method in new_methods:
             undo_start(method)
         _detach(model, name)
         for p, flag in trainable.items():

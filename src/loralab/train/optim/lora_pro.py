@@ -25,11 +25,18 @@ from loralab.train.optim.lowrank import Factors, regularised_inverse, transforme
 def lora_pro_grads(a: torch.Tensor, b: torch.Tensor, grad_a: torch.Tensor, grad_b: torch.Tensor, scale: float,
                    damping: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     btb_inv = regularised_inverse(b.T @ b, damping)
-    aat_inv = regularised_inverse(a @ a.T, damping)
-    new_a = btb_inv @ grad_a / scale**2
     projected = grad_b - b @ (btb_inv @ (b.T @ grad_b))
-    new_b = projected @ aat_inv / scale**2
-    return new_a, new_b
+    return btb_inv @ grad_a / scale**2, b_alone(a, projected, scale, damping)
+
+
+def a_alone(b: torch.Tensor, grad_a: torch.Tensor, scale: float, damping: float) -> torch.Tensor:
+    """(1/s²) (BᵀB)⁻¹ g_A: A's gradient whose update s·B·g_A' is P_B g."""
+    return regularised_inverse(b.T @ b, damping) @ grad_a / scale**2
+
+
+def b_alone(a: torch.Tensor, grad_b: torch.Tensor, scale: float, damping: float) -> torch.Tensor:
+    """(1/s²) g_B (AAᵀ)⁻¹: B's gradient whose update s·g_B'·A is g P_A (of g_B's part of g)."""
+    return grad_b @ regularised_inverse(a @ a.T, damping) / scale**2
 
 
 @OPTIMIZERS.register("lora-pro")
@@ -43,8 +50,8 @@ def lora_pro(model: nn.Module, config: Any) -> torch.optim.Optimizer:
             f.a.grad.copy_(new_a)
             f.b.grad.copy_(new_b)
         elif f.a.grad is not None and not f.b.requires_grad:
-            f.a.grad.copy_(regularised_inverse(b.T @ b, damping) @ f.a.grad.float() / s**2)
+            f.a.grad.copy_(a_alone(b, f.a.grad.float(), s, damping))
         elif f.b.grad is not None and not f.a.requires_grad:
-            f.b.grad.copy_(f.b.grad.float() @ regularised_inverse(a @ a.T, damping) / s**2)
+            f.b.grad.copy_(b_alone(a, f.b.grad.float(), s, damping))
 
     return transformed_adamw(model, config, adjust)
