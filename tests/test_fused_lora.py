@@ -83,6 +83,32 @@ def test_dora_output_and_gradients_equal_the_dense_formula(bias):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("with_dropout", [False, True])
+def test_dora_backward_twice_through_a_retained_graph_gives_the_same_gradients(with_dropout):
+    """The backward writes into the kept pre-gain output: a second one must not read what the first left."""
+    from loralab.fused_lora import LowRankTerms, lora_linears
+
+    torch.manual_seed(0)
+    w, a, b = torch.randn(9, 12), torch.randn(4, 12, requires_grad=True), torch.randn(9, 4, requires_grad=True)
+    m = (torch.rand(9) + 0.5).requires_grad_()
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    norms = (w + 1.5 * (b @ a)).norm(dim=1).detach()
+    dropped = F.dropout(x, 0.5, training=True) if with_dropout else None
+    y = lora_linears(x, [LowRankTerms(w, None, a, b, 1.5, gain=m / norms)], dropped)[0]
+    assert type(y.grad_fn).__name__ == FUSED
+    dy = torch.randn_like(y)
+    wrt = (x, a, b, m)
+    first = torch.autograd.grad(y, wrt, dy, retain_graph=True)
+    second = torch.autograd.grad(y, wrt, dy, retain_graph=True)  # (the dropout mask serves the reference too)
+    combined = w + 1.5 * (b @ a)
+    ref = F.linear(x, w * (m / norms).unsqueeze(1)) + F.linear(
+        x if dropped is None else dropped, (m / norms).unsqueeze(1) * (combined - w))
+    want = torch.autograd.grad(ref, wrt, dy)
+    for got_first, got_second, expected in zip(first, second, want):
+        torch.testing.assert_close(got_first, expected)
+        torch.testing.assert_close(got_second, expected)
+
+
 def test_gpt2_conv1d_weight_stored_transposed():
     host, m = adapted(Conv1D(9, 12))  # nf=9 outputs, nx=12 inputs, weight [12, 9]
     x = torch.randn(3, 4, 12, requires_grad=True)

@@ -16,8 +16,12 @@ one per layer, and dx sums the layers' dy W in place instead of autograd adding 
 
 With adapter dropout the update sees a dropped copy of x: it is passed as `dropped`, and its
 gradient is returned separately so autograd takes it back through the dropout mask (one layer
-only: each layer drops its own copy). With a gain the pre-gain output is kept for the gain's
-gradient, as the unfused DoRA keeps it.
+only: each layer drops its own copy). With a gain the pre-gain output z is kept for the gain's
+gradient, as the unfused DoRA keeps it. The backward writes dy ⊙ z and then dy ⊙ g into z's own
+buffer, which nothing else reads: on a CPU a fresh output-sized tensor costs several times the
+multiply that fills it (its pages are cold), so this saves DoRA one per layer and step. A second
+backward through a retained graph finds z spent and computes it again from x (with dropout, where
+x is not kept, the backward works on a copy of z instead).
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class _LowRankLinears(torch.autograd.Function):
         outs, (d2, t, pre_gain) = _forward(x, dropped, scales, weights, biases, a_s, b_s, gains)
         ctx.save_for_backward(d2, t, *a_s, *weights, *b_s, *gains, *pre_gain)  # A stacked again when needed
         ctx.scales, ctx.n, ctx.x_shape, ctx.shared_input = scales, n, x.shape, dropped is None
+        ctx.spent = [False] * n  # whether a backward has written into that layer's kept z
         return tuple(outs)
 
     @staticmethod
@@ -84,14 +89,14 @@ class _LowRankLinears(torch.autograd.Function):
         need_a, need_b, need_gain = (needs[4 + i * n:4 + (i + 1) * n] for i in range(2, 5))
         dx = None
         gs, dbs, dgains = [], [], []
-        for dy, weight, b, scale, gain, z, t_i, wants_b, wants_gain in zip(
-                dys, weights, b_s, scales, gains, pre_gain, _per_layer(t, b_s), need_b, need_gain):
+        for i, (dy, weight, b, scale, gain, z, t_i, wants_b, wants_gain) in enumerate(zip(
+                dys, weights, b_s, scales, gains, pre_gain, _per_layer(t, b_s), need_b, need_gain)):
             dy2 = dy.reshape(-1, dy.shape[-1])
             dgain = None
             if gain is not None:
-                if wants_gain:  # dy ⊙ z summed over rows, its buffer then reused for dy ⊙ g
-                    product = dy2 * z
-                    dgain = product.sum(0)
+                if wants_gain:  # dy ⊙ z summed over rows, in z's buffer, which then takes dy ⊙ g
+                    product = _writable_z(ctx, i, z, d2, weight, t_i, b, scale)
+                    dgain = torch.mul(dy2, product, out=product).sum(0)
                     dy2 = torch.mul(dy2, gain, out=product)
                 else:
                     dy2 = dy2 * gain
@@ -115,6 +120,19 @@ class _LowRankLinears(torch.autograd.Function):
             da = torch.mm(g.t(), d2)
             das = [da] if n == 1 else list(da.split_with_sizes([b.shape[1] for b in b_s]))
         return dx, dd, None, None, *([None] * 2 * n), *das, *dbs, *dgains
+
+
+def _writable_z(ctx, i: int, z: torch.Tensor, d2: torch.Tensor, weight: torch.Tensor, t: torch.Tensor,
+                b: torch.Tensor, scale: float) -> torch.Tensor:
+    """Layer i's pre-gain output z in a buffer the backward may overwrite: the kept one, once (through
+    `.data`, so that autograd's version check still passes on a retained graph); after that, z computed
+    again from x; with dropout, where x is not kept, a copy."""
+    if not ctx.shared_input:
+        return z.clone()
+    if not ctx.spent[i]:
+        ctx.spent[i] = True
+        return z.data
+    return F.linear(d2, weight).addmm_(t, b.t(), alpha=scale)
 
 
 def _cast_for_autocast(x: torch.Tensor, terms: Sequence[LowRankTerms]) -> tuple[torch.Tensor, list[LowRankTerms]]:
