@@ -44,16 +44,20 @@ def test_compiled_training_ends_where_eager_training_does():
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_an_adapted_transformer_compiles_as_one_graph_with_the_eager_output(method):
+def test_an_adapted_transformer_compiles_as_one_graph_with_the_eager_output_and_gradients(method):
     model = tiny_llama(method)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(input_ids=ids)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     torch._dynamo.reset()
-    eager = model(input_ids=ids).logits
-    compiled = torch.compile(model)(input_ids=ids).logits
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    eager = model(input_ids=ids, labels=ids)
+    eager_grads = torch.autograd.grad(eager.loss, trained)
+    compiled = torch.compile(model)(input_ids=ids, labels=ids)
+    torch.testing.assert_close(compiled.logits, eager.logits, rtol=1e-4, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(compiled.loss, trained), eager_grads):  # the fused backward, traced
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_token_rows_compile_as_one_graph_with_the_eager_output_and_gradient():

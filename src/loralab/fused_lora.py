@@ -126,8 +126,9 @@ def _writable_z(ctx, i: int, z: torch.Tensor, d2: torch.Tensor, weight: torch.Te
                 b: torch.Tensor, scale: float) -> torch.Tensor:
     """Layer i's pre-gain output z in a buffer the backward may overwrite: the kept one, once (through
     `.data`, so that autograd's version check still passes on a retained graph); after that, z computed
-    again from x; with dropout, where x is not kept, a copy."""
-    if not ctx.shared_input:
+    again from x. A copy with dropout, where x is not kept, and under torch.compile, whose graph fuses the
+    passes anyway (and may not write to the context from its backward)."""
+    if not ctx.shared_input or torch.compiler.is_compiling():
         return z.clone()
     if not ctx.spent[i]:
         ctx.spent[i] = True
