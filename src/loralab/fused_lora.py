@@ -53,13 +53,18 @@ def _forward(x, dropped, scales, weights, biases, a_s, b_s, gains):
     t = F.linear(d2, a_s[0] if len(a_s) == 1 else torch.cat(a_s))
     outs, pre_gain = [], []
     for weight, bias, b, scale, gain, t_i in zip(weights, biases, b_s, scales, gains, _per_layer(t, b_s)):
-        y = F.linear(x2, weight, bias if gain is None else None)
-        y.addmm_(t_i, b.t(), alpha=scale)
+        y = _base_plus_update(x2, weight, bias if gain is None else None, t_i, b, scale)
         pre_gain.append(y if gain is not None else None)
         if gain is not None:
             y = y * gain if bias is None else torch.addcmul(bias, y, gain)
         outs.append(y.view(*x.shape[:-1], weight.shape[0]))
     return outs, (d2, t, pre_gain)
+
+
+def _base_plus_update(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t: torch.Tensor,
+                      b: torch.Tensor, scale: float) -> torch.Tensor:
+    """x Wᵀ + b + s·t Bᵀ, the update added in place into the base product."""
+    return F.linear(x2, weight, bias).addmm_(t, b.t(), alpha=scale)
 
 
 def _per_layer(t: torch.Tensor, b_s: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
@@ -133,7 +138,7 @@ def _writable_z(ctx, i: int, z: torch.Tensor, d2: torch.Tensor, weight: torch.Te
     if not ctx.spent[i]:
         ctx.spent[i] = True
         return z.data
-    return F.linear(d2, weight).addmm_(t, b.t(), alpha=scale)
+    return _base_plus_update(d2, weight, None, t, b, scale)
 
 
 def _cast_for_autocast(x: torch.Tensor, terms: Sequence[LowRankTerms]) -> tuple[torch.Tensor, list[LowRankTerms]]:
