@@ -35,10 +35,10 @@ def check_output_unchanged_and_residual(init: str) -> None:
 
 def check_saved_adapter_applies_to_original_base(init: str, tmp_path, rslora: bool = False) -> None:
     original, m, methods = init_model(init, rslora=rslora)
-    with torch.no_grad():  # pretend training moved the factors
+    with torch.no_grad():  # pretend training moved the factors (drawn in index order, whatever the layout)
         for _, method in methods:
-            method.lora_A.add_(0.1 * torch.randn_like(method.lora_A))
-            method.lora_B.add_(0.1 * torch.randn_like(method.lora_B))
+            method.lora_A.add_(0.1 * torch.randn(method.lora_A.shape))
+            method.lora_B.add_(0.1 * torch.randn(method.lora_B.shape))
     x = torch.randn(4, 12)
     ll.save_adapter(m, tmp_path)
     fresh = copy.deepcopy(original)

@@ -83,6 +83,28 @@ def test_dora_output_and_gradients_equal_the_dense_formula(bias):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("contiguous_b", [False, True])
+def test_b_gets_the_dense_formulas_gradient_in_its_own_layout(contiguous_b):
+    """LoRA keeps B as the transpose of a contiguous [r, out], whose gradient the backward computes as
+    (s·tᵀ dy)ᵀ; a B replaced by a contiguous one takes the [out, r] product. Either way the backward hands
+    autograd the gradient in B's layout (one in another would be copied across)."""
+    host, m = adapted(nn.Linear(12, 9))
+    if contiguous_b:
+        m.lora_B = nn.Parameter(m.lora_B.detach().contiguous())
+    assert m.lora_B.is_contiguous() == contiguous_b
+    produced = []
+    m.lora_B.register_hook(lambda grad: produced.append(grad.stride()))
+    x = torch.randn(2, 5, 12)
+    y = host(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    b = m.lora_B.detach().clone().requires_grad_()
+    layer = host.proj.base_layer
+    want, = gradients(dense_reference(x, layer.weight, layer.bias, m.lora_A.detach(), b, m.scale), dy, (b,))
+    torch.testing.assert_close(m.lora_B.grad, want)
+    assert produced == [m.lora_B.stride()]
+
+
 @pytest.mark.parametrize("with_dropout", [False, True])
 def test_dora_backward_twice_through_a_retained_graph_gives_the_same_gradients(with_dropout):
     """The backward writes into the kept pre-gain output: a second one must not read what the first left."""

@@ -13,6 +13,8 @@ Several layers that read the same input (an attention block's q, k and v project
 MLP's gate and up) can go through one step together (`lora_linears`): their A factors are
 stacked, so x Aᵀ, the A gradient and the update's share of dx are one product each instead of
 one per layer, and dx sums the layers' dy W in place instead of autograd adding them after.
+LoRA keeps B [out, r] as the transpose of a contiguous [r, out] (`b_factor_layout`): its gradient is
+then (s·tᵀ dy)ᵀ, which MKL computes about twice as fast as the [out, r] product s·dyᵀ t.
 
 With adapter dropout the update sees a dropped copy of x: it is passed as `dropped`, and its
 gradient is returned separately so autograd takes it back through the dropout mask (one layer
@@ -50,7 +52,8 @@ def _forward(x, dropped, scales, weights, biases, a_s, b_s, gains):
     """(outputs, what the backward needs); the rows of x flattened to one matrix, each update added in place."""
     x2 = x.reshape(-1, x.shape[-1])
     d2 = x2 if dropped is None else dropped.reshape(-1, x.shape[-1])
-    t = F.linear(d2, a_s[0] if len(a_s) == 1 else torch.cat(a_s))
+    a = a_s[0] if len(a_s) == 1 else torch.cat(a_s)
+    t = F.linear(d2, a)
     outs, pre_gain = [], []
     for weight, bias, b, scale, gain, t_i in zip(weights, biases, b_s, scales, gains, _per_layer(t, b_s)):
         y = _base_plus_update(x2, weight, bias if gain is None else None, t_i, b, scale)
@@ -58,7 +61,7 @@ def _forward(x, dropped, scales, weights, biases, a_s, b_s, gains):
         if gain is not None:
             y = y * gain if bias is None else torch.addcmul(bias, y, gain)
         outs.append(y.view(*x.shape[:-1], weight.shape[0]))
-    return outs, (d2, t, pre_gain)
+    return outs, (d2, a, t, pre_gain)
 
 
 def _base_plus_update(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t: torch.Tensor,
@@ -78,8 +81,8 @@ class _LowRankLinears(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dropped, scales, n, *tensors):
         weights, biases, a_s, b_s, gains = (tensors[i * n:(i + 1) * n] for i in range(5))
-        outs, (d2, t, pre_gain) = _forward(x, dropped, scales, weights, biases, a_s, b_s, gains)
-        ctx.save_for_backward(d2, t, *a_s, *weights, *b_s, *gains, *pre_gain)  # A stacked again when needed
+        outs, (d2, a, t, pre_gain) = _forward(x, dropped, scales, weights, biases, a_s, b_s, gains)
+        ctx.save_for_backward(d2, a, t, *weights, *b_s, *gains, *pre_gain)  # A as stacked
         ctx.scales, ctx.n, ctx.x_shape, ctx.shared_input = scales, n, x.shape, dropped is None
         ctx.spent = [False] * n  # whether a backward has written into that layer's kept z
         return tuple(outs)
@@ -87,8 +90,8 @@ class _LowRankLinears(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dys):
         n, scales = ctx.n, ctx.scales
-        d2, t, *rest = ctx.saved_tensors
-        a_s, weights, b_s, gains, pre_gain = (rest[i * n:(i + 1) * n] for i in range(5))
+        d2, a, t, *rest = ctx.saved_tensors
+        weights, b_s, gains, pre_gain = (rest[i * n:(i + 1) * n] for i in range(4))
         needs = ctx.needs_input_grad
         need_x, need_dropped = needs[0], needs[1]
         need_a, need_b, need_gain = (needs[4 + i * n:4 + (i + 1) * n] for i in range(2, 5))
@@ -111,8 +114,8 @@ class _LowRankLinears(torch.autograd.Function):
             gs.append(torch.addmm(t_i, dy2, b, beta=0, alpha=scale))
             if need_x:
                 dx = torch.mm(dy2, weight) if dx is None else dx.addmm_(dy2, weight)
-            dbs.append(torch.addmm(b, dy2.t(), t_i, beta=0, alpha=scale) if wants_b else None)
-        g, a = (gs[0], a_s[0]) if n == 1 else (torch.cat(gs, dim=1), torch.cat(a_s))
+            dbs.append(_b_gradient(dy2, t_i, b, scale) if wants_b else None)
+        g = gs[0] if n == 1 else torch.cat(gs, dim=1)
         dd = None
         if need_x:
             if ctx.shared_input:
@@ -125,6 +128,21 @@ class _LowRankLinears(torch.autograd.Function):
             da = torch.mm(g.t(), d2)
             das = [da] if n == 1 else list(da.split_with_sizes([b.shape[1] for b in b_s]))
         return dx, dd, None, None, *([None] * 2 * n), *das, *dbs, *dgains
+
+
+def b_factor_layout(b: torch.Tensor) -> torch.Tensor:
+    """B [out, r] stored as the transpose of a contiguous [r, out] (same shape, same values): the layout
+    whose gradient the backward computes fastest (see _b_gradient). LoRA keeps its B so."""
+    return b.t().contiguous().t()
+
+
+def _b_gradient(dy: torch.Tensor, t: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """s·dyᵀ t in B's own layout: for B in `b_factor_layout`, (s·tᵀ dy)ᵀ, which MKL computes about twice as
+    fast as the [out, r] product, and which autograd keeps as it is (a gradient in another layout than
+    its parameter's would be copied across, transposing, which costs more than the product saves)."""
+    if b.stride(0) == 1:  # (also a B of rank 1, whose gradient has the one layout either way)
+        return torch.addmm(b.t(), t.t(), dy, beta=0, alpha=scale).t()
+    return torch.addmm(b, dy.t(), t, beta=0, alpha=scale)
 
 
 def _writable_z(ctx, i: int, z: torch.Tensor, d2: torch.Tensor, weight: torch.Tensor, t: torch.Tensor,

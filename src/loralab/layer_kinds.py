@@ -19,12 +19,15 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
+# torch's registries of module-wide hooks (nn.modules.module.register_module_forward_hook, …), which it
+# fills and empties in place
+_GLOBAL_HOOKS = tuple(getattr(nn.modules.module, n, None) for n in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
 def _global_hooks() -> bool:
-    """Whether any module-wide hook (nn.modules.module.register_module_forward_hook, …) is set."""
-    m = nn.modules.module
-    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-             "_global_backward_pre_hooks")
-    return any(getattr(m, n, None) for n in names)
+    """Whether any module-wide hook is set."""
+    return any(_GLOBAL_HOOKS)
 
 
 class LayerKind:

@@ -26,6 +26,16 @@ from loralab.methods.base import AdapterMethod
 from loralab.siblings import SiblingGroup
 
 
+def _own_and_nested_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """A module's parameters and buffers with its submodules': what parameters() and buffers() give, read
+    straight from the modules' dicts (this runs on every grouped call, where those generators cost)."""
+    tensors = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+    for child in module._modules.values():
+        if child is not None:
+            tensors += _own_and_nested_tensors(child)
+    return tensors
+
+
 @dataclass
 class RowPlan:
     """Rows of a batch grouped by adapter; name None means the base model alone."""
@@ -173,8 +183,7 @@ class AdaptedLayer(Wrapper):
     def state_tensors(self) -> list[torch.Tensor]:
         """What the output depends on besides the input: the base layer's and the live adapters'
         parameters and buffers (their version counters tell whether any changed in place)."""
-        modules = [self.base_layer, *self._live]
-        return [t for m in modules for t in (*m.parameters(), *m.buffers())]
+        return [t for m in (self.base_layer, *self._live) for t in _own_and_nested_tensors(m)]
 
     def fused_terms(self, x: torch.Tensor) -> LowRankTerms | None:
         """This layer as one fused step computes it (see AdapterMethod.fused_terms), or None."""

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loralab.fused_lora import b_factor_layout
 from loralab.methods.base import AdapterMethod
 from loralab.spec import AdapterSpec, pattern_value
 
@@ -77,6 +78,6 @@ def set_factors(method: AdapterMethod, a: torch.Tensor, b: torch.Tensor, scale: 
     like = method.lora_A
     grad = like.requires_grad
     method.lora_A = nn.Parameter(a.to(like).contiguous(), requires_grad=grad)
-    method.lora_B = nn.Parameter(b.to(like).contiguous(), requires_grad=grad)
+    method.lora_B = nn.Parameter(b_factor_layout(b.to(like)), requires_grad=grad)
     method.r = a.shape[0]
     method.scale = scale

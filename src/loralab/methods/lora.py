@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loralab.activated_lora import Activation, activation_mask, check_tokens
-from loralab.fused_lora import LowRankTerms
+from loralab.fused_lora import LowRankTerms, b_factor_layout
 from loralab.layer_kinds import LayerKind
 from loralab.methods.base import METHODS, AdapterMethod
 from loralab.spec import AdapterSpec
@@ -52,7 +52,8 @@ class LoRA(AdapterMethod):
         super().__init__(layer, spec, shared)
         w = layer.weight
         self.lora_A = nn.Parameter(torch.empty(spec.r, layer.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(layer.out_features, spec.r, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(b_factor_layout(torch.zeros(layer.out_features, spec.r, dtype=w.dtype,
+                                                               device=w.device)))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_bias: nn.Parameter | None = None
         if self.options["lora_bias"]:
