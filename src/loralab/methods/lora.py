@@ -10,8 +10,8 @@ is the only active adapter, the base matmul and the update run as one autograd s
 (`loralab.fused_lora`: the update added in place, one input gradient); otherwise it is two
 thin matmuls with the scale and the add fused into one `addmm`. B is kept as the transpose of a
 contiguous [r, out] (`fused_lora.b_factor_layout`), whose gradient the fused step computes fastest.
-Convolutions apply A as a
-kernel and B as a 1×1 convolution; embeddings look rows of Aᵀ up and multiply by Bᵀ.
+Convolutions apply A as a kernel and B as a 1×1 convolution; embeddings look rows of Aᵀ up and
+multiply by Bᵀ.
 Variants that only change `factors()` (DyLoRA, SoRA, …) keep the fused path.
 """
 
