@@ -139,7 +139,7 @@ def b_factor_layout(b: torch.Tensor) -> torch.Tensor:
 def _b_gradient(dy: torch.Tensor, t: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """s·dyᵀ t in B's own layout: for B in `b_factor_layout`, (s·tᵀ dy)ᵀ, which MKL computes about twice as
     fast as the [out, r] product, and which autograd keeps as it is (a gradient in another layout than
-    its parameter's would be copied across, transposing, which costs more than the product saves)."""
+    its parameter's would be copied across, and that transposing copy costs nearly all the product saves)."""
     if b.stride(0) == 1:  # (also a B of rank 1, whose gradient has the one layout either way)
         return torch.addmm(b.t(), t.t(), dy, beta=0, alpha=scale).t()
     return torch.addmm(b, dy.t(), t, beta=0, alpha=scale)
