@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import loralab as ll
+from loralab.fused_lora import LowRankTerms, lora_linears
 from loralab.layers import AdaptedLayer
 
 FUSED = "_LowRankLinearsBackward"
@@ -108,8 +109,6 @@ def test_b_gets_the_dense_formulas_gradient_in_its_own_layout(contiguous_b):
 @pytest.mark.parametrize("with_dropout", [False, True])
 def test_dora_backward_twice_through_a_retained_graph_gives_the_same_gradients(with_dropout):
     """The backward writes into the kept pre-gain output: a second one must not read what the first left."""
-    from loralab.fused_lora import LowRankTerms, lora_linears
-
     torch.manual_seed(0)
     w, a, b = torch.randn(9, 12), torch.randn(4, 12, requires_grad=True), torch.randn(9, 4, requires_grad=True)
     m = (torch.rand(9) + 0.5).requires_grad_()
