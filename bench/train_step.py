@@ -10,6 +10,8 @@ On a GPU: `--device cuda --precision bf16 --batch 8 --seq 512` (autocast over fl
 as `loralab train --precision bf16` trains; timings synchronise the device).
 `--compile` puts every contender, the floor included, through torch.compile first (as
 `loralab train --compile` does), so the ratios compare compiled steps with a compiled floor.
+`--reuse-memory` has malloc keep freed memory for every contender, as `loralab train` does on the CPU
+(loralab.host_memory): the steps no longer fault their large tensors' pages in again each time.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import loralab as ll
 from loralab.devices import PRECISIONS, autocast, resolve_device
+from loralab.host_memory import reuse_freed_memory
 from loralab.profiling import saved_tensor_megabytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -111,7 +114,11 @@ def main() -> None:
                     help="autocast over float32 weights for every contender")
     ap.add_argument("--ranks", type=int, nargs="+", help="time only the LoRA train step, at each of these ranks")
     ap.add_argument("--compile", action="store_true", help="torch.compile every contender (no memory table then)")
+    ap.add_argument("--reuse-memory", action="store_true",
+                    help="malloc keeps freed memory for every contender, as `loralab train` has it on the CPU")
     args = ap.parse_args()
+    if args.reuse_memory and not reuse_freed_memory():
+        ap.error("--reuse-memory needs glibc's malloc")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     base = smollm2_shape(args.layers).to(device)
@@ -148,7 +155,8 @@ def main() -> None:
     table = [[name, f"{o['ratio']:.3f}x", f"{q['ratio']:.3f}x", f"{q['ratio'] / o['ratio']:.2f}x",
               f"{f['seconds'] * 1000:.1f} ms"] for name, o, q, f in rows]
     print(f"SmolLM2-135M shape ({args.layers} layers), batch {args.batch}x{args.seq}, LoRA r=16 on 7 projections, "
-          f"{describe(device, args.threads)}, {p}{', torch.compile' if args.compile else ''}, "
+          f"{describe(device, args.threads)}, {p}{', torch.compile' if args.compile else ''}"
+          f"{', freed memory reused' if args.reuse_memory else ''}, "
           f"median of {args.rounds} interleaved rounds, one step each")
     print(markdown_table(["contender", "loralab / floor", "PEFT / floor", "loralab speed-up over PEFT", "floor"],
                          table))

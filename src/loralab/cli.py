@@ -184,10 +184,16 @@ def data_from_args(args: argparse.Namespace):
                     max_train=getattr(args, "max_train", None), max_test=args.max_test, max_length=args.max_length)
 
 
-def add_device_args(p: argparse.ArgumentParser, precision: bool = False, dtype: bool = False) -> None:
+def add_device_args(p: argparse.ArgumentParser, precision: bool = False, dtype: bool = False,
+                    memory: bool = False) -> None:
     g = p.add_argument_group("device")
     g.add_argument("--device", default="auto", help="auto (a GPU when torch sees one, else the CPU), cpu, cuda, "
                                                     "cuda:N or mps")
+    if memory:
+        g.add_argument("--release-memory", action="store_true",
+                       help="on the CPU, let malloc hand freed memory back to the OS, as it does by default; without "
+                            "this the command keeps it for the next steps, which saves re-faulting large tensors' "
+                            "pages every step (loralab.host_memory) and keeps the peak memory until it exits")
     if precision:
         g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                        help="mixed precision: float32 weights, bf16/fp16 matrix products (fp16 with loss scaling)")
@@ -233,7 +239,7 @@ def train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="keep only each transformer block's input for the backward and recompute the rest there: "
                         "far less activation memory for one more forward of every block (transformers models)")
-    add_device_args(p, precision=True, dtype=True)
+    add_device_args(p, memory=True, precision=True, dtype=True)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -264,7 +270,7 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="adapter folder (omit to score the base model alone)")
     p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
     add_data_args(p, train=False)
-    add_device_args(p, precision=True)
+    add_device_args(p, memory=True, precision=True)
 
 
 def evaluate_cmd(args: argparse.Namespace) -> int:
@@ -296,7 +302,7 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
 def demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run folder")
     p.add_argument("--steps", type=int, default=450, help="optimiser steps")
-    add_device_args(p)
+    add_device_args(p, memory=True)
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -481,7 +487,7 @@ def compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for results.csv, results.md, results.png")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in --out (same settings) and run only the missing methods")
-    add_device_args(p, precision=True)
+    add_device_args(p, memory=True, precision=True)
 
 
 def compare_cmd(args: argparse.Namespace) -> int:
@@ -588,6 +594,17 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _keep_host_memory(args: argparse.Namespace) -> None:
+    """Commands that train or evaluate keep freed host memory for reuse on the CPU, unless told not to."""
+    if getattr(args, "release_memory", True):
+        return
+    from loralab.devices import resolve_device
+    from loralab.host_memory import reuse_freed_memory
+
+    if resolve_device(args.device).type == "cpu":
+        reuse_freed_memory()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="loralab", description="Low-rank adapters for PyTorch models: train, save (HF PEFT format), "
@@ -603,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _keep_host_memory(args)
         return COMMANDS[args.command][2](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"loralab {args.command}: error: {err}", file=sys.stderr)
