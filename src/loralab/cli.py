@@ -191,9 +191,9 @@ def add_device_args(p: argparse.ArgumentParser, precision: bool = False, dtype: 
                                                     "cuda:N or mps")
     if memory:
         g.add_argument("--release-memory", action="store_true",
-                       help="on the CPU, let malloc hand freed memory back to the OS, as it does by default; without "
-                            "this the command keeps it for the next steps, which saves re-faulting large tensors' "
-                            "pages every step (loralab.host_memory) and keeps the peak memory until it exits")
+                       help="leave malloc as it is, handing freed memory back to the OS. Otherwise, on the CPU, the "
+                            "command keeps it for its next steps, which spares faulting large tensors' pages in again "
+                            "every step, and holds its peak memory until it exits (loralab.host_memory)")
     if precision:
         g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                        help="mixed precision: float32 weights, bf16/fp16 matrix products (fp16 with loss scaling)")
